@@ -1,0 +1,79 @@
+"""T2R options shared by the translation and language models.
+
+One dataclass, so the same fields become ``--feature-map``, ``--feature-size``,
+... for both ``t2r_transformer`` (argparse, through ``add_args``) and
+``t2r_transformer_lm`` (a dataclass config, through inheritance), with help
+text visible in ``fairseq-train --help``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.utils import safe_getattr
+
+from t2r_fairseq.modules.feature_maps import FEATURE_MAPS
+from t2r_fairseq.modules.linear_multihead_attention import LinearAttentionOptions
+from t2r_fairseq.ops.linear_attention import DEFAULT_CHUNK_SIZE, DEFAULT_EPS
+
+FEATURE_MAP_CHOICES = ChoiceEnum(sorted(FEATURE_MAPS))
+TRAINABLE_CHOICES = ChoiceEnum(["all", "attention"])
+
+
+@dataclass
+class T2RConfig(FairseqDataclass):
+    feature_map: FEATURE_MAP_CHOICES = field(  # type: ignore[valid-type]
+        default="t2r",
+        metadata={"help": "feature map phi of the linear attention (t2r: learned per-head ReLU MLP, as the paper)"},
+    )
+    feature_size: int = field(
+        default=32,
+        metadata={
+            "help": "feature size k of phi for self-attention (rfa/hedgehog output 2k; elu ignores it and uses "
+            "the head dim)"
+        },
+    )
+    linear_chunk_size: int = field(
+        default=DEFAULT_CHUNK_SIZE,
+        metadata={"help": "chunk length of the chunkwise-parallel causal attention in training (memory ~ L x chunk)"},
+    )
+    linear_eps: float = field(
+        default=DEFAULT_EPS, metadata={"help": "floor of the linear-attention normaliser (the original T2R uses 1e-2)"}
+    )
+    trainable: TRAINABLE_CHOICES = field(  # type: ignore[valid-type]
+        default="all",
+        metadata={
+            "help": "parameters updated while finetuning: 'all' (the paper) or 'attention' (only the swapped "
+            "attention's q/k/v projections and feature maps, as the authors' code offers)"
+        },
+    )
+
+
+def attention_options(args: Any, cross: bool = False) -> LinearAttentionOptions:
+    """Read the T2R fields off a fairseq args namespace / TransformerConfig / DictConfig."""
+    size = safe_getattr(args, "feature_size", 32)
+    if cross and safe_getattr(args, "cross_feature_size", None) is not None:
+        size = args.cross_feature_size
+    return LinearAttentionOptions(
+        feature_map=str(safe_getattr(args, "feature_map", "t2r")),
+        feature_size=int(size),
+        chunk_size=int(safe_getattr(args, "linear_chunk_size", DEFAULT_CHUNK_SIZE)),
+        eps=float(safe_getattr(args, "linear_eps", DEFAULT_EPS)),
+    )
+
+
+@dataclass
+class T2RTranslationConfig(T2RConfig):
+    cross_feature_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "feature size of the encoder-decoder attention's own feature map (default: --feature-size)"},
+    )
+    swap_encoder: bool = field(
+        default=False,
+        metadata={
+            "help": "also make the encoder's self-attention linear (the paper keeps it softmax: the encoder runs "
+            "once per source and is not on the generation path)"
+        },
+    )

@@ -1,0 +1,134 @@
+"""fairseq transformer layers and stacks with the attention swapped, nothing else.
+
+Each class subclasses fairseq's own and overrides only the ``build_*_attention``
+/ ``build_*_layer`` hooks, so layer norms, FFNs, dropout, embeddings, layer
+drop, activation checkpointing and FSDP wrapping stay fairseq's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from fairseq.distributed import fsdp_wrap
+from fairseq.models.transformer import TransformerConfig, TransformerDecoder, TransformerEncoder
+from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
+from fairseq.modules.checkpoint_activations import checkpoint_wrapper
+from torch import Tensor, nn
+
+from t2r_fairseq.models.config import attention_options
+from t2r_fairseq.modules.linear_multihead_attention import LinearAttentionOptions, LinearMultiheadAttention
+
+
+def _wrap_like_fairseq(layer: nn.Module, cfg: TransformerConfig) -> nn.Module:
+    """Activation checkpointing and FSDP wrapping exactly as fairseq's ``build_*_layer`` apply them."""
+    checkpoint = cfg.checkpoint_activations
+    if checkpoint:
+        layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
+    return fsdp_wrap(layer, min_num_params=cfg.min_params_to_wrap if not checkpoint else 0)
+
+
+class T2RTransformerDecoderLayer(TransformerDecoderLayerBase):
+    """Decoder layer whose self- and encoder-attention are linear; all else is fairseq's."""
+
+    def __init__(
+        self,
+        cfg: TransformerConfig,
+        self_options: LinearAttentionOptions,
+        cross_options: LinearAttentionOptions,
+        no_encoder_attn: bool = False,
+    ) -> None:
+        # Set before nn.Module.__init__ runs the build_* hooks below.
+        self.self_options = self_options
+        self.cross_options = cross_options
+        super().__init__(cfg, no_encoder_attn)
+
+    def build_self_attention(
+        self, embed_dim: int, cfg: TransformerConfig, add_bias_kv: bool = False, add_zero_attn: bool = False
+    ) -> LinearMultiheadAttention:
+        if cfg.cross_self_attention or add_bias_kv or add_zero_attn:
+            raise ValueError(
+                "T2R decoders do not support --cross-self-attention, add_bias_kv or add_zero_attn: a recurrent "
+                "state cannot prepend the source or extra key/value slots; drop these options"
+            )
+        return LinearMultiheadAttention(
+            embed_dim,
+            cfg.decoder.attention_heads,
+            self.self_options,
+            self_attention=True,
+            causal=True,
+            q_noise=self.quant_noise,
+            qn_block_size=self.quant_noise_block_size,
+        )
+
+    def build_encoder_attention(self, embed_dim: int, cfg: TransformerConfig) -> LinearMultiheadAttention:
+        return LinearMultiheadAttention(
+            embed_dim,
+            cfg.decoder.attention_heads,
+            self.cross_options,
+            kdim=cfg.encoder.embed_dim,
+            vdim=cfg.encoder.embed_dim,
+            encoder_decoder_attention=True,
+            q_noise=self.quant_noise,
+            qn_block_size=self.quant_noise_block_size,
+        )
+
+
+class T2RTransformerEncoderLayer(TransformerEncoderLayerBase):
+    """Encoder layer with bidirectional linear self-attention (the optional encoder swap)."""
+
+    def __init__(self, cfg: TransformerConfig, options: LinearAttentionOptions, return_fc: bool = False) -> None:
+        self.options = options
+        super().__init__(cfg, return_fc=return_fc)
+
+    def build_self_attention(self, embed_dim: int, cfg: TransformerConfig) -> LinearMultiheadAttention:
+        return LinearMultiheadAttention(
+            embed_dim,
+            cfg.encoder.attention_heads,
+            self.options,
+            self_attention=True,
+            causal=False,
+            q_noise=self.quant_noise,
+            qn_block_size=self.quant_noise_block_size,
+        )
+
+
+class T2RTransformerDecoder(TransformerDecoder):
+    """fairseq's ``TransformerDecoder`` built from T2R layers.
+
+    It also drops the decoder's L x L future mask: causal linear attention is
+    causal by construction, and the mask would cost O(L^2) memory that the
+    linear model exists to avoid.
+    """
+
+    def __init__(
+        self,
+        args: Any,
+        dictionary: Any,
+        embed_tokens: nn.Module,
+        no_encoder_attn: bool = False,
+        output_projection: Optional[nn.Module] = None,
+    ) -> None:
+        self.self_options = attention_options(args)
+        self.cross_options = attention_options(args, cross=True)
+        super().__init__(args, dictionary, embed_tokens, no_encoder_attn, output_projection)
+
+    def build_decoder_layer(self, cfg: Any, no_encoder_attn: bool = False) -> nn.Module:
+        cfg = TransformerConfig.from_namespace(cfg)
+        layer = T2RTransformerDecoderLayer(cfg, self.self_options, self.cross_options, no_encoder_attn)
+        return _wrap_like_fairseq(layer, cfg)
+
+    def buffered_future_mask(self, tensor: Tensor) -> Optional[Tensor]:  # type: ignore[override]
+        return None
+
+
+class T2RTransformerEncoder(TransformerEncoder):
+    """fairseq's ``TransformerEncoder`` built from linear-attention layers."""
+
+    def __init__(self, args: Any, dictionary: Any, embed_tokens: nn.Module, return_fc: bool = False) -> None:
+        self.options = attention_options(args)
+        super().__init__(args, dictionary, embed_tokens, return_fc=return_fc)
+
+    def build_encoder_layer(self, cfg: Any) -> nn.Module:
+        cfg = TransformerConfig.from_namespace(cfg)
+        layer = T2RTransformerEncoderLayer(cfg, self.options, return_fc=self.return_fc)
+        return _wrap_like_fairseq(layer, cfg)

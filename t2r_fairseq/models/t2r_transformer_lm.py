@@ -1,0 +1,57 @@
+"""``t2r_transformer_lm``: fairseq's transformer LM with linear (recurrent) self-attention."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fairseq.models import register_model, register_model_architecture
+from fairseq.models.transformer_lm import (
+    TransformerLanguageModel,
+    TransformerLanguageModelConfig,
+    transformer_lm_baevski_wiki103,
+    transformer_lm_gpt,
+)
+
+from t2r_fairseq.models.config import T2RConfig
+from t2r_fairseq.models.layers import T2RTransformerDecoder
+from t2r_fairseq.models.trainable import apply_trainable
+from t2r_fairseq.swap import SwapLoadMixin
+
+
+@dataclass
+class T2RTransformerLanguageModelConfig(TransformerLanguageModelConfig, T2RConfig):
+    """fairseq's LM options plus the T2R ones (``--feature-map``, ``--feature-size``, ...)."""
+
+
+@register_model("t2r_transformer_lm", dataclass=T2RTransformerLanguageModelConfig)
+class T2RTransformerLanguageModel(SwapLoadMixin, TransformerLanguageModel):
+    """Every decoder self-attention is causal linear attention; loading a
+    ``transformer_lm`` checkpoint of the same shape performs the swap.
+    """
+
+    @classmethod
+    def build_model(cls, args: Any, task: Any) -> "T2RTransformerLanguageModel":
+        # fairseq's build_model picks the token embedder (plain, adaptive input or
+        # character CNN) and then hard-codes its own decoder class. Let it build the
+        # embedder, then build the T2R decoder around that same module; the
+        # softmax decoder it built is discarded (a one-off cost at start-up).
+        embed_tokens = super().build_model(args, task).decoder.embed_tokens
+        decoder = T2RTransformerDecoder(args, task.target_dictionary, embed_tokens, no_encoder_attn=True)
+        model = cls(decoder)
+        apply_trainable(model, str(getattr(args, "trainable", "all")))
+        return model
+
+
+# The default arch ``t2r_transformer_lm`` is registered by ``register_model`` itself
+# (fairseq does this for dataclass models): the dataclass defaults are the preset.
+
+
+@register_model_architecture("t2r_transformer_lm", "t2r_transformer_lm_wiki103")
+def t2r_transformer_lm_wiki103(args: Any) -> None:
+    transformer_lm_baevski_wiki103(args)
+
+
+@register_model_architecture("t2r_transformer_lm", "t2r_transformer_lm_gpt")
+def t2r_transformer_lm_gpt(args: Any) -> None:
+    transformer_lm_gpt(args)

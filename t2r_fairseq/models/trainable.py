@@ -1,0 +1,25 @@
+"""Which parameters a swap-then-finetune run updates."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from t2r_fairseq.modules.linear_multihead_attention import LinearMultiheadAttention
+
+_ATTENTION_TRAINABLE = ("q_proj", "k_proj", "v_proj", "feature_map")
+
+
+def apply_trainable(model: nn.Module, mode: str) -> None:
+    """``all``: everything trains (the paper). ``attention``: only the swapped attention's
+    q/k/v projections and feature maps train, as in the authors' code; fairseq's
+    trainer builds its optimizer from parameters with ``requires_grad`` only.
+    """
+    if mode == "all":
+        return
+    if mode != "attention":
+        raise ValueError(f"unknown --trainable {mode!r}; valid: all, attention")
+    model.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, LinearMultiheadAttention):
+            for name in _ATTENTION_TRAINABLE:
+                getattr(module, name).requires_grad_(True)

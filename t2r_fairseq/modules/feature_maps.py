@@ -1,0 +1,198 @@
+"""Feature maps ``phi`` for kernelised attention, behind a small registry.
+
+A feature map is a tiny ``nn.Module`` applied per head to queries and keys in
+the head-first layout ``[B, H, L, head_dim] -> [B, H, L, output_dim]``. It is
+told whether it sees queries or keys because some maps (Performer) treat them
+differently; queries arrive already scaled by ``head_dim ** -0.5`` exactly as
+fairseq's softmax attention scales them, so a swapped model sees the same
+inputs its teacher did.
+
+Adding a map is one class plus one ``@register_feature_map("name")`` line.
+Random projections are registered *buffers*: they are saved in checkpoints,
+so a reloaded model computes the same function (redrawing them would silently
+change a trained model).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Type
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+FEATURE_MAPS: Dict[str, Type["FeatureMap"]] = {}
+
+
+def register_feature_map(name: str) -> Callable[[Type["FeatureMap"]], Type["FeatureMap"]]:
+    """Class decorator: make a feature map available as ``--feature-map name``."""
+
+    def wrapper(cls: Type["FeatureMap"]) -> Type["FeatureMap"]:
+        if name in FEATURE_MAPS:
+            raise ValueError(f"feature map {name!r} is already registered ({FEATURE_MAPS[name].__name__})")
+        FEATURE_MAPS[name] = cls
+        cls.name = name
+        return cls
+
+    return wrapper
+
+
+def build_feature_map(name: str, num_heads: int, head_dim: int, feature_size: int) -> "FeatureMap":
+    """Instantiate a registered map; an unknown name lists the valid ones."""
+    if name not in FEATURE_MAPS:
+        raise ValueError(f"unknown feature map {name!r}; valid feature maps: {', '.join(sorted(FEATURE_MAPS))}")
+    if feature_size < 1 and FEATURE_MAPS[name].uses_feature_size:
+        raise ValueError(f"feature size must be >= 1 for feature map {name!r}, got {feature_size}")
+    return FEATURE_MAPS[name](num_heads, head_dim, feature_size)
+
+
+class FeatureMap(nn.Module):
+    """Base class. Subclasses set ``output_dim`` and implement :meth:`forward`."""
+
+    name: str = ""
+    uses_feature_size: bool = True
+
+    def __init__(self, num_heads: int, head_dim: int, feature_size: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.feature_size = feature_size
+        self.output_dim = feature_size
+
+    def forward(self, x: Tensor, is_query: bool) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, head_dim={self.head_dim}, output_dim={self.output_dim}"
+
+
+def _per_head_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x: [B, H, L, d]``, ``weight: [H, k, d]`` -> ``[B, H, L, k]`` (one Linear per head)."""
+    y = torch.matmul(x, weight.transpose(-1, -2).to(x.dtype))
+    if bias is not None:
+        y = y + bias.to(x.dtype).unsqueeze(-2)
+    return y
+
+
+def _linear_init_(weight: Tensor, bias: Tensor | None) -> None:
+    """``nn.Linear``'s default init, per head: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(weight.size(-1))
+    nn.init.uniform_(weight, -bound, bound)
+    if bias is not None:
+        nn.init.uniform_(bias, -bound, bound)
+
+
+@register_feature_map("t2r")
+class T2RFeatureMap(FeatureMap):
+    """T2R (Kasai et al. 2021): ``phi_h(u) = ReLU(W_h u + b_h)``, one MLP per head.
+
+    The same map serves queries and keys of a head; initialised like
+    ``nn.Linear`` as in the original code, then learned during finetuning.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, feature_size: int) -> None:
+        super().__init__(num_heads, head_dim, feature_size)
+        self.weight = nn.Parameter(torch.empty(num_heads, feature_size, head_dim))
+        self.bias = nn.Parameter(torch.empty(num_heads, feature_size))
+        _linear_init_(self.weight, self.bias)
+
+    def forward(self, x: Tensor, is_query: bool) -> Tensor:
+        return F.relu(_per_head_linear(x, self.weight, self.bias))
+
+
+@register_feature_map("elu")
+class EluFeatureMap(FeatureMap):
+    """ELU+1 (Katharopoulos et al. 2020): parameter-free, output size = head dim."""
+
+    uses_feature_size = False
+
+    def __init__(self, num_heads: int, head_dim: int, feature_size: int) -> None:
+        super().__init__(num_heads, head_dim, feature_size)
+        self.output_dim = head_dim
+
+    def forward(self, x: Tensor, is_query: bool) -> Tensor:
+        return F.elu(x) + 1.0
+
+
+@register_feature_map("rfa")
+class RandomFourierFeatureMap(FeatureMap):
+    """RFA (Peng et al. 2021): ``[sin(W x), cos(W x)] / sqrt(k)`` on unit-norm ``x``.
+
+    ``W ~ N(0, I)`` is a fixed buffer per head; the inverse temperature
+    ``1 / sigma_h`` is learned per head (initialised to 1), as in RFA where the
+    kernel width is a parameter. Output size is ``2 * feature_size``.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, feature_size: int) -> None:
+        super().__init__(num_heads, head_dim, feature_size)
+        self.output_dim = 2 * feature_size
+        self.register_buffer("projection", torch.randn(num_heads, feature_size, head_dim))
+        self.inv_sigma = nn.Parameter(torch.ones(num_heads))
+
+    def forward(self, x: Tensor, is_query: bool) -> Tensor:
+        x = F.normalize(x, dim=-1) * self.inv_sigma.to(x.dtype).view(-1, 1, 1)
+        wx = _per_head_linear(x, self.projection)
+        return torch.cat([torch.sin(wx), torch.cos(wx)], dim=-1) * self.feature_size**-0.5
+
+
+def orthogonal_gaussian_projection(rows: int, cols: int, generator: torch.Generator | None = None) -> Tensor:
+    """Rows drawn as stacked orthogonal blocks, each row rescaled to a Gaussian norm.
+
+    This is FAVOR+'s estimator: orthogonality lowers the variance of the
+    softmax-kernel estimate while keeping each row marginally ``N(0, I)``.
+    """
+    blocks = []
+    for _ in range(-(-rows // cols)):
+        q, _ = torch.linalg.qr(torch.randn(cols, cols, generator=generator))
+        blocks.append(q.T)
+    w = torch.cat(blocks, dim=0)[:rows]
+    norms = torch.randn(rows, cols, generator=generator).norm(dim=1, keepdim=True)
+    return w * norms
+
+
+@register_feature_map("performer")
+class PerformerFeatureMap(FeatureMap):
+    """Performer FAVOR+ (Choromanski et al. 2021): positive orthogonal random features.
+
+    ``phi(x) = exp(W x - |x|^2 / 2) / sqrt(k)`` estimates ``exp(q . k)``. Both
+    sides are put on the symmetric ``head_dim ** -1/4`` scale so that
+    ``phi(q) . phi(k) ~ exp(q . k / sqrt(d))``, fairseq's softmax kernel. Queries
+    are stabilised by subtracting their own max exponent (a per-query constant
+    cancels in the ratio); keys are not, since a key's scale must be the same
+    whichever prefix it is summed into (recurrent == parallel).
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, feature_size: int) -> None:
+        super().__init__(num_heads, head_dim, feature_size)
+        proj = torch.stack([orthogonal_gaussian_projection(feature_size, head_dim) for _ in range(num_heads)])
+        self.register_buffer("projection", proj)
+
+    def forward(self, x: Tensor, is_query: bool) -> Tensor:
+        # Queries come scaled by d^-1/2; bring both sides to d^-1/4.
+        x = x.float() * (self.head_dim**0.25 if is_query else self.head_dim**-0.25)
+        wx = _per_head_linear(x, self.projection) - 0.5 * x.pow(2).sum(dim=-1, keepdim=True)
+        if is_query:
+            wx = wx - wx.amax(dim=-1, keepdim=True).detach()
+        return torch.exp(wx) * self.feature_size**-0.5
+
+
+@register_feature_map("hedgehog")
+class HedgehogFeatureMap(FeatureMap):
+    """Hedgehog (Zhang et al. 2024): ``[softmax(W u + b), softmax(-(W u + b))]``.
+
+    A learned map whose dot products are spiky and monotone like softmax
+    attention's; output size is ``2 * feature_size``. ``W`` starts as the
+    (rectangular) identity, so the map initially looks at the raw head
+    dimensions, as in the Hedgehog code.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, feature_size: int) -> None:
+        super().__init__(num_heads, head_dim, feature_size)
+        self.output_dim = 2 * feature_size
+        self.weight = nn.Parameter(torch.eye(feature_size, head_dim).repeat(num_heads, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(num_heads, feature_size))
+
+    def forward(self, x: Tensor, is_query: bool) -> Tensor:
+        u = _per_head_linear(x, self.weight, self.bias)
+        return torch.cat([torch.softmax(u, dim=-1), torch.softmax(-u, dim=-1)], dim=-1)

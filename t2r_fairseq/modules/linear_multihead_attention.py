@@ -1,0 +1,268 @@
+"""A drop-in replacement for fairseq's ``MultiheadAttention`` with kernelised attention.
+
+Parameter names match fairseq's module (``q_proj``, ``k_proj``, ``v_proj``,
+``out_proj``) so a softmax checkpoint loads unchanged; the only new
+parameters live under ``feature_map``. Three roles, fixed at construction:
+
+* causal self-attention (decoder): chunkwise-parallel in training, a
+  constant-size recurrent state ``(S, z)`` in fairseq's incremental state at
+  generation;
+* encoder-decoder attention: the source summary ``(S, z)`` is computed once at
+  the first decoding step, cached, and only read out afterwards;
+* bidirectional self-attention (optional encoder swap).
+
+The math lives in :mod:`t2r_fairseq.ops.linear_attention`; this module only
+projects, reshapes and keeps state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+from fairseq.incremental_decoding_utils import with_incremental_state
+from fairseq.modules.quant_noise import quant_noise
+from torch import Tensor, nn
+
+from t2r_fairseq.modules.feature_maps import build_feature_map
+from t2r_fairseq.ops.linear_attention import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_EPS,
+    LinearAttentionState,
+    causal_linear_attention,
+    linear_attention_readout,
+    linear_attention_state,
+    linear_attention_step,
+    linear_attention_weights,
+)
+
+IncrementalState = Dict[str, Dict[str, Optional[Tensor]]]
+
+
+@dataclass(frozen=True)
+class LinearAttentionOptions:
+    """Everything a linear attention layer needs beyond fairseq's own config."""
+
+    feature_map: str = "t2r"
+    feature_size: int = 32
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    eps: float = DEFAULT_EPS
+
+
+@with_incremental_state
+class LinearMultiheadAttention(nn.Module):
+    """Multi-head attention with ``softmax(q k^T) v`` replaced by ``phi(q) phi(k)^T v`` (normalised).
+
+    The ``forward`` signature is fairseq's, so the stock transformer layers call
+    it unchanged. ``attn_mask`` is only accepted for causal self-attention, where
+    causality is built into the computation (the decoder's L x L future mask is
+    never needed). Attention dropout has no analogue in the recurrent form and
+    is not applied; residual/activation dropout in the layer still is.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        options: LinearAttentionOptions,
+        *,
+        kdim: Optional[int] = None,
+        vdim: Optional[int] = None,
+        bias: bool = True,
+        self_attention: bool = False,
+        encoder_decoder_attention: bool = False,
+        causal: bool = False,
+        q_noise: float = 0.0,
+        qn_block_size: int = 8,
+    ) -> None:
+        super().__init__()
+        if self_attention == encoder_decoder_attention:
+            raise ValueError("exactly one of self_attention / encoder_decoder_attention must be set")
+        if causal and not self_attention:
+            raise ValueError("causal linear attention is only defined for self-attention")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        self.embed_dim = embed_dim
+        self.kdim = kdim if kdim is not None else embed_dim
+        self.vdim = vdim if vdim is not None else embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.scaling = self.head_dim**-0.5
+        self.self_attention = self_attention
+        self.encoder_decoder_attention = encoder_decoder_attention
+        self.causal = causal
+        self.options = options
+
+        self.k_proj = quant_noise(nn.Linear(self.kdim, embed_dim, bias=bias), q_noise, qn_block_size)
+        self.v_proj = quant_noise(nn.Linear(self.vdim, embed_dim, bias=bias), q_noise, qn_block_size)
+        self.q_proj = quant_noise(nn.Linear(embed_dim, embed_dim, bias=bias), q_noise, qn_block_size)
+        self.out_proj = quant_noise(nn.Linear(embed_dim, embed_dim, bias=bias), q_noise, qn_block_size)
+        self.feature_map = build_feature_map(options.feature_map, num_heads, self.head_dim, options.feature_size)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """fairseq's MultiheadAttention init, so a T2R model trained from scratch matches its baseline."""
+        gain = 2**-0.5 if self.kdim == self.vdim == self.embed_dim else 1.0
+        nn.init.xavier_uniform_(self.k_proj.weight, gain=gain)
+        nn.init.xavier_uniform_(self.v_proj.weight, gain=gain)
+        nn.init.xavier_uniform_(self.q_proj.weight, gain=gain)
+        nn.init.xavier_uniform_(self.out_proj.weight)
+        if self.out_proj.bias is not None:
+            nn.init.constant_(self.out_proj.bias, 0.0)
+
+    def extra_repr(self) -> str:
+        role = "causal" if self.causal else ("cross" if self.encoder_decoder_attention else "bidirectional")
+        return f"role={role}, heads={self.num_heads}, chunk_size={self.options.chunk_size}, eps={self.options.eps}"
+
+    # -- shapes ---------------------------------------------------------------
+
+    def _heads(self, x: Tensor) -> Tensor:
+        """``[T, B, H*d] -> [B, H, T, d]``."""
+        T, B, _ = x.shape
+        return x.view(T, B, self.num_heads, -1).permute(1, 2, 0, 3)
+
+    def _merge(self, x: Tensor) -> Tensor:
+        """``[B, H, T, d] -> [T, B, H*d]``."""
+        B, H, T, d = x.shape
+        return x.permute(2, 0, 1, 3).reshape(T, B, H * d)
+
+    def _phi_q(self, query: Tensor) -> Tensor:
+        return self.feature_map(self._heads(self.q_proj(query) * self.scaling), is_query=True)
+
+    def _phi_k(self, key: Tensor) -> Tensor:
+        return self.feature_map(self._heads(self.k_proj(key)), is_query=False)
+
+    # -- forward --------------------------------------------------------------
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Optional[Tensor],
+        value: Optional[Tensor],
+        key_padding_mask: Optional[Tensor] = None,
+        incremental_state: Optional[IncrementalState] = None,
+        need_weights: bool = True,
+        static_kv: bool = False,
+        attn_mask: Optional[Tensor] = None,
+        before_softmax: bool = False,
+        need_head_weights: bool = False,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """Time-major in and out: ``query [T, B, C]``, ``key/value [S, B, C]``."""
+        if before_softmax:
+            raise ValueError("before_softmax has no meaning for linear attention (there is no softmax)")
+        if attn_mask is not None and not self.causal:
+            raise ValueError(
+                "LinearMultiheadAttention cannot apply an arbitrary attn_mask; only causal self-attention "
+                "(where the mask is implied) accepts one"
+            )
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.to(torch.bool)
+        if need_head_weights:
+            need_weights = True
+
+        if self.encoder_decoder_attention:
+            return self._cross_attention(query, key, key_padding_mask, incremental_state, need_weights, need_head_weights)
+
+        phi_q = self._phi_q(query)
+        phi_k = self._phi_k(query if key is None else key)
+        v = self._heads(self.v_proj(query if value is None else value))
+        if not self.causal:
+            state = linear_attention_state(phi_k, v, key_padding_mask)
+            out = linear_attention_readout(phi_q, state, self.options.eps).to(v.dtype)
+        elif incremental_state is None:
+            out, _ = causal_linear_attention(
+                phi_q, phi_k, v, key_padding_mask, chunk_size=self.options.chunk_size, eps=self.options.eps
+            )
+        else:
+            out = self._causal_incremental(phi_q, phi_k, v, key_padding_mask, incremental_state)
+        return self.out_proj(self._merge(out)), None
+
+    def _causal_incremental(
+        self, phi_q: Tensor, phi_k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], incremental_state: IncrementalState
+    ) -> Tensor:
+        """Advance the recurrent state by the new position(s); cost independent of the prefix."""
+        buffer = self._get_input_buffer(incremental_state)
+        state = LinearAttentionState(buffer["S"], buffer["z"]) if "S" in buffer else None
+        if phi_q.size(2) == 1:
+            step_mask = key_padding_mask[:, -1] if key_padding_mask is not None else None
+            out, state = linear_attention_step(phi_q[:, :, 0], phi_k[:, :, 0], v[:, :, 0], state, step_mask, self.options.eps)
+            out = out.unsqueeze(2)
+        else:  # several new positions at once (e.g. a prompt): parallel form, then carry on
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask[:, -phi_q.size(2):]
+            out, state = causal_linear_attention(
+                phi_q, phi_k, v, key_padding_mask, chunk_size=self.options.chunk_size,
+                initial_state=state, output_final_state=True, eps=self.options.eps,
+            )
+        assert state is not None
+        self._set_input_buffer(incremental_state, {"S": state.S, "z": state.z})
+        return out
+
+    def _cross_attention(
+        self,
+        query: Tensor,
+        key: Optional[Tensor],
+        key_padding_mask: Optional[Tensor],
+        incremental_state: Optional[IncrementalState],
+        need_weights: bool,
+        need_head_weights: bool,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """Read out a source summary that is built once per source and cached across steps."""
+        buffer = self._get_input_buffer(incremental_state) if incremental_state is not None else {}
+        phi_q = self._phi_q(query)
+        phi_k: Optional[Tensor] = None
+        if "S" in buffer:
+            state = LinearAttentionState(buffer["S"], buffer["z"])
+        else:
+            if key is None:
+                raise ValueError("encoder-decoder attention needs the encoder output as key on its first call")
+            phi_k = self._phi_k(key)
+            state = linear_attention_state(phi_k, self._heads(self.v_proj(key)), key_padding_mask)
+            if incremental_state is not None:
+                self._set_input_buffer(incremental_state, {"S": state.S, "z": state.z})
+        out = linear_attention_readout(phi_q, state, self.options.eps).to(query.dtype)
+        out = self.out_proj(self._merge(out))
+
+        weights: Optional[Tensor] = None
+        if need_weights and key is not None:
+            # Explicit weights (alignments) need phi(k) for every source position:
+            # O(T x S), only computed when fairseq asks (e.g. --print-alignment).
+            if phi_k is None:
+                phi_k = self._phi_k(key)
+            w = linear_attention_weights(phi_q, phi_k, key_padding_mask, causal=False, eps=self.options.eps)
+            w = w.to(query.dtype).transpose(0, 1)  # [H, B, T, S], fairseq's head-weights layout
+            weights = w if need_head_weights else w.mean(dim=0)
+        return out, weights
+
+    # -- incremental state ----------------------------------------------------
+
+    def _get_input_buffer(self, incremental_state: Optional[IncrementalState]) -> Dict[str, Optional[Tensor]]:
+        result = self.get_incremental_state(incremental_state, "attn_state")
+        return result if result is not None else {}
+
+    def _set_input_buffer(
+        self, incremental_state: Optional[IncrementalState], buffer: Dict[str, Optional[Tensor]]
+    ) -> Optional[IncrementalState]:
+        return self.set_incremental_state(incremental_state, "attn_state", buffer)
+
+    def reorder_incremental_state(self, incremental_state: IncrementalState, new_order: Tensor) -> IncrementalState:
+        """Beam search: reorder ``S`` and ``z`` along the batch dimension."""
+        buffer = self._get_input_buffer(incremental_state)
+        if buffer:
+            for name, value in buffer.items():
+                if value is not None:
+                    buffer[name] = value.index_select(0, new_order)
+            self._set_input_buffer(incremental_state, buffer)
+        return incremental_state
+
+    def upgrade_state_dict_named(self, state_dict: Dict[str, Tensor], name: str) -> None:
+        """Split a legacy packed ``in_proj_weight`` into q/k/v, as fairseq's module does."""
+        prefix = name + "." if name else ""
+        for suffix in ("weight", "bias"):
+            packed = state_dict.pop(f"{prefix}in_proj_{suffix}", None)
+            if packed is not None:
+                q, k, v = packed.chunk(3, dim=0)
+                state_dict[f"{prefix}q_proj.{suffix}"] = q
+                state_dict[f"{prefix}k_proj.{suffix}"] = k
+                state_dict[f"{prefix}v_proj.{suffix}"] = v

@@ -1,0 +1,133 @@
+"""The attention math: chunkwise == naive O(L^2) oracle == step-by-step recurrence, per feature map."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from t2r_fairseq.modules.feature_maps import FEATURE_MAPS, build_feature_map
+from t2r_fairseq.ops.linear_attention import (
+    causal_linear_attention,
+    linear_attention_state,
+    linear_attention_readout,
+    naive_linear_attention,
+    noncausal_linear_attention,
+    recurrent_linear_attention,
+)
+
+B, H, D_HEAD = 3, 2, 8
+
+
+def _features(name: str, L: int, seed: int = 0, dtype: torch.dtype = torch.float32):
+    torch.manual_seed(seed)
+    fmap = build_feature_map(name, H, D_HEAD, feature_size=6)
+    q = torch.randn(B, H, L, D_HEAD) * D_HEAD**-0.5
+    k = torch.randn(B, H, L, D_HEAD)
+    v = torch.randn(B, H, L, D_HEAD)
+    with torch.no_grad():
+        return fmap(q, is_query=True).to(dtype), fmap(k, is_query=False).to(dtype), v.to(dtype)
+
+
+def _padding(kind: str, L: int) -> torch.Tensor | None:
+    if kind == "none":
+        return None
+    lengths = torch.tensor([L, L - 3, L - 7])
+    pos = torch.arange(L)
+    if kind == "right":
+        return pos[None, :] >= lengths[:, None]
+    return pos[None, :] < (L - lengths)[:, None]  # left
+
+
+@pytest.mark.parametrize("name", sorted(FEATURE_MAPS))
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+@pytest.mark.parametrize("L,chunk", [(37, 8), (37, 64), (64, 16), (20, 1), (13, 13)])
+def test_causal_forms_agree(name: str, padding: str, L: int, chunk: int) -> None:
+    q, k, v = _features(name, L)
+    mask = _padding(padding, L)
+    naive = naive_linear_attention(q, k, v, mask, causal=True)
+    chunked, _ = causal_linear_attention(q, k, v, mask, chunk_size=chunk)
+    stepped, _ = recurrent_linear_attention(q, k, v, mask)
+    torch.testing.assert_close(chunked, naive, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stepped, naive, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(FEATURE_MAPS))
+def test_padded_keys_contribute_nothing(name: str) -> None:
+    """Outputs of real positions do not change whatever the padded keys/values hold."""
+    L = 19
+    q, k, v = _features(name, L)
+    mask = _padding("left", L)
+    out, _ = causal_linear_attention(q, k, v, mask, chunk_size=4)
+    k2, v2 = k.clone(), v.clone()
+    k2[mask[:, None, :, None].expand_as(k2)] = 7.0
+    v2[mask[:, None, :, None].expand_as(v2)] = -9.0
+    out2, _ = causal_linear_attention(q, k2, v2, mask, chunk_size=4)
+    keep = ~mask[:, None, :, None].expand_as(out)
+    torch.testing.assert_close(out[keep], out2[keep])
+    cross = noncausal_linear_attention(q, k, v, mask)
+    cross2 = noncausal_linear_attention(q, k2, v2, mask)
+    torch.testing.assert_close(cross, cross2)
+
+
+@pytest.mark.parametrize("L,chunk", [(29, 8), (29, 64)])
+def test_initial_state_and_final_state_chain(L: int, chunk: int) -> None:
+    """A prompt in parallel form, continued by more parallel/step calls, equals one pass."""
+    q, k, v = _features("t2r", L)
+    full, full_state = causal_linear_attention(q, k, v, chunk_size=chunk, output_final_state=True)
+    cut = 11
+    first, state = causal_linear_attention(q[:, :, :cut], k[:, :, :cut], v[:, :, :cut], chunk_size=chunk, output_final_state=True)
+    second, state2 = causal_linear_attention(
+        q[:, :, cut:], k[:, :, cut:], v[:, :, cut:], chunk_size=chunk, initial_state=state, output_final_state=True
+    )
+    torch.testing.assert_close(torch.cat([first, second], dim=2), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state2.S, full_state.S, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state2.z, full_state.z, atol=1e-5, rtol=1e-5)
+    stepped, step_state = recurrent_linear_attention(q[:, :, cut:], k[:, :, cut:], v[:, :, cut:], initial_state=state)
+    torch.testing.assert_close(stepped, second, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step_state.S, full_state.S, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(FEATURE_MAPS))
+@pytest.mark.parametrize("padding", ["none", "left"])
+def test_noncausal_matches_naive(name: str, padding: str) -> None:
+    q, k, v = _features(name, 23)
+    mask = _padding(padding, 23)
+    torch.testing.assert_close(
+        noncausal_linear_attention(q, k, v, mask), naive_linear_attention(q, k, v, mask, causal=False), atol=1e-5, rtol=1e-5
+    )
+    # The cached-state form used at generation: state once, then any number of readouts.
+    state = linear_attention_state(k, v, mask)
+    torch.testing.assert_close(linear_attention_readout(q[:, :, :5], state), noncausal_linear_attention(q, k, v, mask)[:, :, :5])
+
+
+@pytest.mark.parametrize("name", ["t2r", "elu", "hedgehog"])
+def test_bf16_inputs_close_to_fp32(name: str) -> None:
+    """bf16 features and values, fp32 accumulation inside: loose agreement, output keeps bf16."""
+    q, k, v = _features(name, 150)
+    ref, _ = causal_linear_attention(q, k, v, chunk_size=32)
+    out, state = causal_linear_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), chunk_size=32, output_final_state=True)
+    assert out.dtype == torch.bfloat16 and state.S.dtype == torch.float32
+    torch.testing.assert_close(out.float(), ref, atol=5e-2, rtol=5e-2)
+    stepped, _ = recurrent_linear_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    torch.testing.assert_close(stepped.float(), ref, atol=5e-2, rtol=5e-2)
+
+
+def test_all_zero_features_read_out_zero() -> None:
+    """A ReLU map can zero a query; the floored denominator gives 0, not NaN."""
+    q = torch.zeros(1, 1, 4, 3)
+    k = torch.rand(1, 1, 4, 3)
+    v = torch.randn(1, 1, 4, 5)
+    out, _ = causal_linear_attention(q, k, v)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_chunkwise_never_builds_l_by_l() -> None:
+    """Peak intermediate size is O(L * chunk), checked by the largest tensor autograd saves."""
+    L, chunk = 2048, 32
+    q, k, v = (torch.rand(1, 1, L, 4, requires_grad=True) for _ in range(3))
+    sizes: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+        out, _ = causal_linear_attention(q, k, v, chunk_size=chunk)
+    assert max(sizes) < L * L // 16
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
