@@ -6,7 +6,6 @@ One dataclass, so the same fields become ``--feature-map``, ``--feature-size``,
 text visible in ``fairseq-train --help``.
 """
 
-from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Optional

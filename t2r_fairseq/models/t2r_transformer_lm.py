@@ -1,6 +1,5 @@
 """``t2r_transformer_lm``: fairseq's transformer LM with linear (recurrent) self-attention."""
 
-from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any

@@ -1,0 +1,39 @@
+"""t2r-fairseq: a fairseq plugin (``--user-dir t2r_fairseq``) for T2R swap-then-finetune.
+
+fairseq is installed as ``fairseq-fixed`` (the 0.12 code with the dataclass and
+omegaconf fixes needed on Python 3.11; the upstream 0.12.2 wheel fails on
+import there). It is an sdist whose build needs torch: build it with
+``--no-build-isolation`` after torch is installed, as ``scripts/setup.sh`` does,
+or pip pulls a second, multi-GB torch into its isolated build environment.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="t2r-fairseq",
+    version="0.1.0",
+    description="Finetune pretrained softmax transformers into RNNs (T2R) as a fairseq plugin",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["t2r_fairseq", "t2r_fairseq.*"]),
+    install_requires=[
+        # torch: any 2.x that fairseq-fixed accepts; scripts/setup.sh pins the CPU
+        # build (torch==2.13.0) unless a torch is already installed in the venv.
+        "torch>=2.1,<3",
+        "fairseq-fixed==0.12.3.1",
+        "hydra-core==1.3.2",
+        "omegaconf==2.3.0",
+        "sacrebleu>=2.3",
+        "sentencepiece>=0.1.99",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest>=7"],
+        "plots": ["matplotlib>=3.7"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
