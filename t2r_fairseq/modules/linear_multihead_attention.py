@@ -225,11 +225,19 @@ class LinearMultiheadAttention(nn.Module):
         out = self.out_proj(self._merge(out))
 
         weights: Optional[Tensor] = None
-        if need_weights and key is not None:
-            # Explicit weights (alignments) need phi(k) for every source position:
-            # O(T x S), only computed when fairseq asks (e.g. --print-alignment).
+        if need_weights:
+            # Explicit weights (alignments) need phi(k) for every source position,
+            # O(T x S) like softmax attention; only computed when fairseq asks (eval
+            # mode with need_attn, --print-alignment). phi(k) is then cached too, so
+            # the source is still projected once per sentence.
             if phi_k is None:
+                phi_k = buffer.get("phi_k")
+            if phi_k is None:
+                if key is None:
+                    raise ValueError("attention weights were requested but no encoder output was given")
                 phi_k = self._phi_k(key)
+            if incremental_state is not None and "phi_k" not in buffer:
+                self._set_input_buffer(incremental_state, {"S": state.S, "z": state.z, "phi_k": phi_k})
             w = linear_attention_weights(phi_q, phi_k, key_padding_mask, causal=False, eps=self.options.eps)
             w = w.to(query.dtype).transpose(0, 1)  # [H, B, T, S], fairseq's head-weights layout
             weights = w if need_head_weights else w.mean(dim=0)

@@ -1,0 +1,217 @@
+"""Model-level behaviour: incremental == full forward, beam reordering, cross-attention cache, swap."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from t2r_fairseq.modules.feature_maps import FEATURE_MAPS
+from t2r_fairseq.modules.linear_multihead_attention import LinearMultiheadAttention
+from t2r_fairseq.swap import SwapError, plan_swap
+
+from helpers import build_lm, build_mt, random_tokens
+
+
+def _incremental_logits(decoder, tokens, encoder_out=None):
+    state: dict = {}
+    steps = []
+    for t in range(tokens.size(1)):
+        out, _ = decoder(tokens[:, : t + 1], encoder_out=encoder_out, incremental_state=state)
+        steps.append(out[:, -1])
+    return torch.stack(steps, dim=1), state
+
+
+@pytest.mark.parametrize("feature_map", sorted(FEATURE_MAPS))
+def test_lm_incremental_equals_full_forward(tmp_path, feature_map):
+    _, task, model = build_lm(tmp_path, extra=["--feature-map", feature_map, "--feature-size", "8", "--linear-chunk-size", "4"])
+    tokens = random_tokens(task.dictionary, batch=3, length=11)
+    with torch.no_grad():
+        full, _ = model(tokens)
+        inc, _ = _incremental_logits(model.decoder, tokens)
+    assert (full - inc).abs().max().item() <= 1e-4
+
+
+def test_lm_decode_state_is_constant_size(tmp_path):
+    """The incremental state holds (S, z) per layer, the same size after 2 and after 30 tokens."""
+    _, task, model = build_lm(tmp_path, extra=["--feature-size", "8"])
+    tokens = random_tokens(task.dictionary, batch=2, length=30)
+
+    def state_numel(n):
+        with torch.no_grad():
+            _, state = _incremental_logits(model.decoder, tokens[:, :n])
+        return sum(t.numel() for buf in state.values() for t in buf.values() if t is not None)
+
+    assert state_numel(2) == state_numel(30) == 2 * 2 * 4 * (8 * 8 + 8)  # layers * B * H * (k*d + k)
+
+
+def _mt_batch(task, batch=3, src_len=9, tgt_len=7):
+    src = random_tokens(task.source_dictionary, batch, src_len, seed=1)
+    src[1, :3] = task.source_dictionary.pad()  # left padding, as fairseq batches sources
+    src[2, :5] = task.source_dictionary.pad()
+    lengths = src.ne(task.source_dictionary.pad()).sum(1)
+    prev = random_tokens(task.target_dictionary, batch, tgt_len, seed=2)
+    prev[:, 0] = task.target_dictionary.eos()
+    return src, lengths, prev
+
+
+@pytest.mark.parametrize("feature_map", ["t2r", "elu", "performer", "hedgehog", "rfa"])
+@pytest.mark.parametrize("swap_encoder", [False, True])
+def test_mt_incremental_equals_full_forward(tmp_path, feature_map, swap_encoder):
+    extra = ["--feature-map", feature_map, "--feature-size", "8", "--cross-feature-size", "6"]
+    _, task, model = build_mt(tmp_path, extra=extra + (["--swap-encoder"] if swap_encoder else []))
+    src, lengths, prev = _mt_batch(task)
+    with torch.no_grad():
+        full, _ = model(src, lengths, prev)
+        enc = model.encoder(src, lengths)
+        inc, _ = _incremental_logits(model.decoder, prev, enc)
+    assert (full - inc).abs().max().item() <= 1e-4
+
+
+def test_mt_padded_source_positions_do_not_matter(tmp_path):
+    """Changing the token under source padding changes nothing (padding is masked in S and z)."""
+    _, task, model = build_mt(tmp_path, extra=["--swap-encoder"])
+    src, lengths, prev = _mt_batch(task)
+    src2 = src.clone()
+    with torch.no_grad():
+        out, _ = model(src, lengths, prev)
+        enc = model.encoder(src2, lengths)
+        # Perturb encoder states at padded positions directly: they must be ignored by the cross-attention.
+        pad = src.eq(task.source_dictionary.pad()).t()
+        enc["encoder_out"][0][pad] = 1e3
+        out2, _ = model.decoder(prev, encoder_out=enc)
+    torch.testing.assert_close(out, out2)
+
+
+@pytest.mark.parametrize("need_attn", [False, True])
+def test_cross_attention_state_is_computed_once(tmp_path, need_attn):
+    """After the first step, decoding never projects the source again (with or without alignments)."""
+    _, task, model = build_mt(tmp_path)
+    model.make_generation_fast_(need_attn=need_attn)
+    src, lengths, prev = _mt_batch(task)
+    cross = [m for n, m in model.decoder.named_modules() if n.endswith("encoder_attn")]
+    calls = {"k": 0}
+    for m in cross:
+        orig = m.k_proj.forward
+        m.k_proj.forward = lambda x, orig=orig: (calls.__setitem__("k", calls["k"] + 1), orig(x))[1]
+    with torch.no_grad():
+        enc = model.encoder(src, lengths)
+        _incremental_logits(model.decoder, prev, enc)
+    assert calls["k"] == len(cross)  # once per layer, not once per step
+
+
+@pytest.mark.parametrize("kind", ["lm", "mt"])
+def test_beam_reorder_matches_full_forward_on_reordered_prefixes(tmp_path, kind):
+    """Decode 4 steps, reorder the batch as beam search does, continue: equals full forward of the new prefixes."""
+    if kind == "lm":
+        _, task, model = build_lm(tmp_path)
+        tokens = random_tokens(task.dictionary, batch=3, length=8)
+        enc = None
+    else:
+        _, task, model = build_mt(tmp_path)
+        src, lengths, tokens = _mt_batch(task, tgt_len=8)
+        enc = model.encoder(src, lengths)
+    order = torch.tensor([2, 0, 0])
+    with torch.no_grad():
+        state: dict = {}
+        for t in range(4):
+            model.decoder(tokens[:, : t + 1], encoder_out=enc, incremental_state=state)
+        model.decoder.reorder_incremental_state_scripting(state, order)
+        new_tokens = tokens[order].clone()
+        new_tokens[:, 4:] = tokens[:, 4:]  # different continuations after the reorder
+        new_enc = model.encoder.reorder_encoder_out(enc, order) if enc is not None else None
+        steps = []
+        for t in range(4, 8):
+            out, _ = model.decoder(new_tokens[:, : t + 1], encoder_out=new_enc, incremental_state=state)
+            steps.append(out[:, -1])
+        inc = torch.stack(steps, dim=1)
+        full, _ = model.decoder(new_tokens, encoder_out=new_enc)
+    assert (full[:, 4:] - inc).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("feature_map", ["t2r", "performer"])
+def test_attention_prefill_then_steps_equals_full(feature_map):
+    """Several positions in one incremental call (a prompt: parallel form + carried state), then single steps."""
+    from t2r_fairseq.modules.linear_multihead_attention import LinearAttentionOptions
+
+    torch.manual_seed(0)
+    attn = LinearMultiheadAttention(
+        16, 4, LinearAttentionOptions(feature_map=feature_map, feature_size=5, chunk_size=3), self_attention=True, causal=True
+    ).eval()
+    x = torch.randn(10, 2, 16)  # T x B x C
+    pad = torch.zeros(2, 10, dtype=torch.bool)
+    pad[1, :2] = True  # a left-padded prompt
+    with torch.no_grad():
+        full, _ = attn(x, x, x, key_padding_mask=pad)
+        state: dict = {}
+        first, _ = attn(x[:6], x[:6], x[:6], key_padding_mask=pad[:, :6], incremental_state=state)
+        rest = [attn(x[t : t + 1], x[t : t + 1], x[t : t + 1], key_padding_mask=pad[:, t : t + 1], incremental_state=state)[0] for t in range(6, 10)]
+    torch.testing.assert_close(torch.cat([first, *rest]), full, atol=1e-5, rtol=1e-5)
+
+
+def test_cross_attention_weights_when_asked(tmp_path):
+    _, task, model = build_mt(tmp_path)
+    src, lengths, prev = _mt_batch(task)
+    with torch.no_grad():
+        _, extra = model(src, lengths, prev, return_all_hiddens=False)
+        out, extra = model.decoder(prev, encoder_out=model.encoder(src, lengths), alignment_layer=1)
+    attn = extra["attn"][0]
+    assert attn.shape == (3, prev.size(1), src.size(1))
+    pad = src.eq(task.source_dictionary.pad())
+    assert torch.all(attn.masked_select(pad[:, None, :].expand_as(attn)) == 0)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(3, prev.size(1)), atol=1e-4, rtol=0)
+
+
+# -- swap ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["lm", "mt"])
+def test_swap_reuses_every_teacher_tensor_exactly(tmp_path, kind, caplog):
+    builder, teacher_arch, student_arch = (
+        (build_lm, "transformer_lm", "t2r_transformer_lm") if kind == "lm" else (build_mt, "transformer", "t2r_transformer")
+    )
+    _, _, teacher = builder(tmp_path / "t", arch=teacher_arch, seed=1)
+    _, _, student = builder(tmp_path / "s", arch=student_arch, seed=2)
+    fresh = {k: v.clone() for k, v in student.state_dict().items() if ".feature_map." in k}
+    teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    with caplog.at_level("INFO"):
+        student.load_state_dict(teacher_state, strict=True)
+    student_state = student.state_dict()
+    for name, tensor in teacher.state_dict().items():
+        assert torch.equal(student_state[name], tensor), name
+    for name, tensor in fresh.items():
+        assert torch.equal(student_state[name], tensor), name
+    summary = [r.getMessage() for r in caplog.records if "T2R swap" in r.getMessage()]
+    assert len(summary) == 1 and f"new {len(fresh)} tensors" in summary[0] and "dropped 0" in summary[0]
+
+
+def test_t2r_checkpoint_loads_strictly_without_swap(tmp_path, caplog):
+    _, _, a = build_lm(tmp_path / "a", seed=1)
+    _, _, b = build_lm(tmp_path / "b", seed=2)
+    with caplog.at_level("INFO"):
+        b.load_state_dict(a.state_dict())
+    assert not [r for r in caplog.records if "T2R swap" in r.getMessage()]
+    for name, tensor in a.state_dict().items():
+        assert torch.equal(b.state_dict()[name], tensor)
+
+
+def test_swap_shape_mismatch_names_tensor_and_shapes(tmp_path):
+    _, _, teacher = build_lm(tmp_path / "t", arch="transformer_lm", extra=["--decoder-ffn-embed-dim", "48"])
+    _, _, student = build_lm(tmp_path / "s")
+    with pytest.raises(SwapError, match=r"decoder\.layers\.0\.fc1\.weight' has shape \(48, 32\) but the T2R model expects \(64, 32\)"):
+        student.load_state_dict(teacher.state_dict())
+
+
+def test_swap_refuses_to_drop_tensors():
+    own = {"a.weight": torch.zeros(2), "l.self_attn.feature_map.weight": torch.zeros(3)}
+    with pytest.raises(SwapError, match="first 'extra.bias'"):
+        plan_swap(own, {"a.weight": torch.ones(2), "extra.bias": torch.ones(1)})
+
+
+def test_trainable_attention_freezes_everything_else(tmp_path):
+    _, _, model = build_mt(tmp_path, extra=["--trainable", "attention"])
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(
+        n.startswith("decoder.layers.") and any(f".{p}." in n for p in ("q_proj", "k_proj", "v_proj", "feature_map"))
+        for n in trained
+    )
+    assert any("encoder_attn.feature_map" in n for n in trained)
