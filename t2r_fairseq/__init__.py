@@ -6,9 +6,10 @@ models with their architectures, and makes fairseq checkpoints loadable under
 torch's safe (``weights_only``) unpickler.
 """
 
-from t2r_fairseq.checkpoint_compat import allow_fairseq_checkpoint_globals
+from t2r_fairseq.checkpoint_compat import allow_fairseq_checkpoint_globals, name_path_in_checkpoint_errors
 
 allow_fairseq_checkpoint_globals()
+name_path_in_checkpoint_errors()
 
 from t2r_fairseq.models import t2r_transformer, t2r_transformer_lm  # noqa: E402,F401  (registration)
 

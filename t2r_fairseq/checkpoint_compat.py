@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-from typing import List
+import functools
+from typing import Any, List
 
 import torch
 
@@ -25,3 +26,38 @@ def allow_fairseq_checkpoint_globals() -> None:
     add = getattr(torch.serialization, "add_safe_globals", None)
     if add is not None:  # torch < 2.4 loads pickles unrestricted anyway
         add(SAFE_FAIRSEQ_GLOBALS)
+
+
+class CheckpointReadError(RuntimeError):
+    """A checkpoint file exists but cannot be read; the message names the file."""
+
+
+def name_path_in_checkpoint_errors() -> None:
+    """Make fairseq's checkpoint reader name the file when unpickling fails.
+
+    A truncated or foreign file otherwise surfaces as a bare ``IndexError`` or
+    ``UnpicklingError`` from deep inside torch, with no path. We wrap
+    ``fairseq.checkpoint_utils.load_checkpoint_to_cpu`` (looked up through the
+    module by the trainer, ``load_model_ensemble`` and the hub) once; the
+    original exception stays chained for the details.
+    """
+    from fairseq import checkpoint_utils
+
+    original = checkpoint_utils.load_checkpoint_to_cpu
+    if getattr(original, "_t2r_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def load_checkpoint_to_cpu(path: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(path, *args, **kwargs)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise CheckpointReadError(
+                f"cannot read checkpoint {path}: {type(exc).__name__}: {exc} -- is it a complete fairseq checkpoint? "
+                "(re-copy it if it was truncated)"
+            ) from exc
+
+    load_checkpoint_to_cpu._t2r_wrapped = True  # type: ignore[attr-defined]
+    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu

@@ -1,0 +1,178 @@
+"""End to end through fairseq's own CLIs on tiny data made here: preprocess -> softmax teacher ->
+swap-finetune T2R -> eval-lm / generate (sacreBLEU) / interactive / hydra-train, and the error paths."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import LM_ARCH, MT_ARCH, USER_DIR, VOCAB, write_corpus
+
+BIN = Path(sys.executable).parent
+TRAIN = ["--optimizer", "adam", "--lr", "2e-3", "--max-tokens", "2048", "--cpu", "--seed", "1",
+         "--log-format", "simple", "--log-interval", "5", "--no-epoch-checkpoints", "--num-workers", "0"]
+LM_TASK = ["--task", "language_modeling", "--tokens-per-sample", "64", *LM_ARCH]
+MT_TASK = ["--task", "translation", "--share-all-embeddings", *MT_ARCH,
+           "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"]
+
+
+def run(tool: str, *args: str, ok: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([str(BIN / tool), *map(str, args)], capture_output=True, text=True, env=env, input=stdin, timeout=600)
+    if ok and proc.returncode != 0:
+        raise AssertionError(f"{tool} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def _translate(line: str) -> str:
+    """A learnable toy 'language pair': reverse the sentence and map each word."""
+    return " ".join(VOCAB[(VOCAB.index(w) + 7) % len(VOCAB)] for w in reversed(line.split()))
+
+
+@pytest.fixture(scope="session")
+def work(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    raw = root / "raw"
+    raw.mkdir()
+    for split, n, seed in [("train", 800, 1), ("valid", 200, 2), ("test", 60, 3)]:
+        write_corpus(raw / f"lm.{split}", n, seed)
+        write_corpus(raw / f"mt.{split}.src", n, seed + 10)
+        (raw / f"mt.{split}.tgt").write_text("".join(_translate(l) + "\n" for l in (raw / f"mt.{split}.src").read_text().splitlines()))
+    run("fairseq-preprocess", "--only-source", "--trainpref", raw / "lm.train", "--validpref", raw / "lm.valid",
+        "--testpref", raw / "lm.test", "--destdir", root / "bin-lm", "--workers", "1")
+    run("fairseq-preprocess", "-s", "src", "-t", "tgt", "--joined-dictionary", "--trainpref", raw / "mt.train",
+        "--validpref", raw / "mt.valid", "--testpref", raw / "mt.test", "--destdir", root / "bin-mt", "--workers", "1")
+    run("fairseq-train", root / "bin-lm", *LM_TASK, "--arch", "transformer_lm", *TRAIN, "--max-update", "30",
+        "--save-dir", root / "lm-teacher")
+    run("fairseq-train", root / "bin-mt", *MT_TASK, "--arch", "transformer", *TRAIN, "--max-update", "40",
+        "--save-dir", root / "mt-teacher")
+    return root
+
+
+def _swap_line(proc: subprocess.CompletedProcess) -> str:
+    lines = [l for l in (proc.stdout + proc.stderr).splitlines() if "T2R swap:" in l]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_lm_swap_finetune_then_eval_lm(work):
+    proc = run("fairseq-train", work / "bin-lm", "--user-dir", USER_DIR, *LM_TASK, "--arch", "t2r_transformer_lm",
+               "--feature-size", "8", *TRAIN, "--max-update", "20", "--save-dir", work / "lm-t2r",
+               "--finetune-from-model", work / "lm-teacher" / "checkpoint_last.pt")
+    line = _swap_line(proc)
+    assert re.search(r"new 4 tensors .*self_attn\.feature_map\.weight x2.*; dropped 0", line), line
+    ev = run("fairseq-eval-lm", work / "bin-lm", "--user-dir", USER_DIR, "--path", work / "lm-t2r" / "checkpoint_last.pt",
+             "--cpu", "--tokens-per-sample", "64", "--max-tokens", "2048")
+    ppl = float(re.search(r"Perplexity: ([\d.]+)", ev.stdout + ev.stderr).group(1))
+    assert math.isfinite(ppl) and 1 < ppl < len(VOCAB) + 4  # better than uniform over the vocabulary
+
+    # Resuming the T2R run is a plain strict load: no swap line, training continues.
+    resumed = run("fairseq-train", work / "bin-lm", "--user-dir", USER_DIR, *LM_TASK, "--arch", "t2r_transformer_lm",
+                  "--feature-size", "8", *TRAIN, "--max-update", "25", "--save-dir", work / "lm-t2r")
+    out = resumed.stdout + resumed.stderr
+    assert "T2R swap:" not in out and "num_updates 25" in out
+
+
+def test_lm_swap_through_restore_file_with_resets(work):
+    proc = run("fairseq-train", work / "bin-lm", "--user-dir", USER_DIR, *LM_TASK, "--arch", "t2r_transformer_lm",
+               "--feature-map", "performer", *TRAIN, "--max-update", "5", "--save-dir", work / "lm-performer",
+               "--restore-file", work / "lm-teacher" / "checkpoint_last.pt",
+               "--reset-optimizer", "--reset-dataloader", "--reset-meters", "--reset-lr-scheduler")
+    # Performer's random projections are buffers: new tensors that the checkpoint will carry.
+    assert "new 2 tensors (decoder.layers.*.self_attn.feature_map.projection x2)" in _swap_line(proc)
+    assert (work / "lm-performer" / "checkpoint_last.pt").exists()
+
+
+def test_mt_swap_finetune_generate_sacrebleu_and_interactive(work):
+    proc = run("fairseq-train", work / "bin-mt", "--user-dir", USER_DIR, *MT_TASK, "--arch", "t2r_transformer",
+               "--feature-size", "8", *TRAIN, "--max-update", "20", "--save-dir", work / "mt-t2r",
+               "--finetune-from-model", work / "mt-teacher" / "checkpoint_last.pt")
+    assert "encoder_attn.feature_map" in _swap_line(proc)
+    ckpt = work / "mt-t2r" / "checkpoint_last.pt"
+    gen = run("fairseq-generate", work / "bin-mt", "--user-dir", USER_DIR, "--path", ckpt, "--beam", "4",
+              "--scoring", "sacrebleu", "--cpu", "--max-tokens", "2048")
+    out = gen.stdout + gen.stderr
+    assert re.search(r"Generate test with beam=4: BLEU = [\d.]+", out), out[-2000:]
+    n_src = len(re.findall(r"^S-\d+", gen.stdout, flags=re.M))
+    assert n_src > 0 and len(re.findall(r"^H-\d+", gen.stdout, flags=re.M)) == n_src
+    inter = run("fairseq-interactive", work / "bin-mt", "--user-dir", USER_DIR, "--path", ckpt, "--beam", "2",
+                "-s", "src", "-t", "tgt", "--cpu", stdin="w1 w2 w3\nw4 w5\n")
+    assert len(re.findall(r"^H-\d+\t", inter.stdout, flags=re.M)) == 2
+
+
+def test_hydra_train_with_user_dir(work):
+    cfg_dir = work / "hydra"
+    cfg_dir.mkdir(exist_ok=True)
+    (cfg_dir / "t2r_lm.yaml").write_text(f"""
+common: {{user_dir: {USER_DIR}, cpu: true, seed: 1, log_format: simple, log_interval: 1}}
+task: {{_name: language_modeling, data: {work / 'bin-lm'}, tokens_per_sample: 64}}
+model:
+  _name: t2r_transformer_lm
+  decoder_layers: 2
+  decoder_embed_dim: 32
+  decoder_input_dim: 32
+  decoder_output_dim: 32
+  decoder_ffn_embed_dim: 64
+  decoder_attention_heads: 4
+  feature_map: t2r
+  feature_size: 8
+criterion: cross_entropy
+optimizer: {{_name: adam}}
+lr_scheduler: fixed
+optimization: {{max_update: 3, lr: [0.001]}}
+dataset: {{max_tokens: 2048, num_workers: 0}}
+checkpoint: {{save_dir: {work / 'lm-hydra'}, no_epoch_checkpoints: true,
+  finetune_from_model: {work / 'lm-teacher' / 'checkpoint_last.pt'}}}
+""")
+    proc = run("fairseq-hydra-train", "--config-dir", cfg_dir, "--config-name", "t2r_lm")
+    assert "new 4 tensors" in _swap_line(proc)
+    assert (work / "lm-hydra" / "checkpoint_last.pt").exists()
+
+
+# -- bad input: one clear message, non-zero exit, nothing written ------------------------------
+
+
+def _t2r_lm_train(work: Path, save_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run("fairseq-train", work / "bin-lm", "--user-dir", USER_DIR, *LM_TASK, "--arch", "t2r_transformer_lm",
+               *TRAIN, "--max-update", "2", "--save-dir", save_dir, *extra, ok=False)
+
+
+def _assert_failed_cleanly(proc: subprocess.CompletedProcess, save_dir: Path, pattern: str) -> None:
+    assert proc.returncode != 0
+    assert re.search(pattern, proc.stderr), proc.stderr[-2000:]
+    assert not list(save_dir.glob("*.pt")), "a checkpoint was written despite the error"
+
+
+def test_shape_mismatch_fails_naming_tensor(work):
+    save = work / "err-shape"
+    proc = _t2r_lm_train(work, save, "--decoder-ffn-embed-dim", "48",
+                         "--finetune-from-model", work / "lm-teacher" / "checkpoint_last.pt")
+    _assert_failed_cleanly(proc, save, r"SwapError: checkpoint tensor 'decoder\.layers\.0\.fc1\.weight' has shape \(64, 32\) "
+                                       r"but the T2R model expects \(48, 32\)")
+
+
+def test_missing_teacher_path_is_named(work):
+    save = work / "err-missing"
+    proc = _t2r_lm_train(work, save, "--finetune-from-model", work / "nope" / "teacher.pt")
+    _assert_failed_cleanly(proc, save, re.escape(str(work / "nope" / "teacher.pt")) + " does not exist")
+
+
+def test_unreadable_teacher_path_is_named(work):
+    bad = work / "corrupt.pt"
+    bad.write_bytes(b"this is not a checkpoint")
+    save = work / "err-corrupt"
+    proc = _t2r_lm_train(work, save, "--finetune-from-model", bad)
+    _assert_failed_cleanly(proc, save, r"CheckpointReadError: cannot read checkpoint " + re.escape(str(bad)))
+
+
+def test_unknown_feature_map_lists_valid_ones(work):
+    save = work / "err-fmap"
+    proc = _t2r_lm_train(work, save, "--feature-map", "cosformer")
+    _assert_failed_cleanly(proc, save, r"--feature-map: invalid choice: 'cosformer' \(choose from .*elu.*hedgehog.*performer.*rfa.*t2r")
