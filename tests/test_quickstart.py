@@ -1,0 +1,44 @@
+"""The quickstart end to end in its seconds-scale mode, through the real CLIs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import REPO
+
+
+def _run(out: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    proc = subprocess.run(["bash", str(REPO / "recipes" / "quickstart.sh"), "--tiny", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_quickstart_tiny(tmp_path):
+    out = tmp_path / "qs"
+    first = _run(out)
+    assert "T2R swap: reused" in first.stdout  # progress output is visible
+    res = json.loads((out / "results" / "results.json").read_text())
+    rows = {r["model"]: r for r in res["rows"]}
+    assert set(rows) == {"teacher", "t2r", "elu", "t2r_scratch"}
+    for r in rows.values():
+        assert math.isfinite(r["lm_test_ppl"]) and r["lm_test_ppl"] > 1
+        assert math.isfinite(r["mt_test_bleu"]) and 0 <= r["mt_test_bleu"] <= 100
+    assert rows["t2r"]["lm_updates"] == rows["t2r_scratch"]["lm_updates"]
+    assert res["sacrebleu_signature"].startswith("nrefs:1")
+    for name in ("speed_lm_b1", "speed_lm_b16"):
+        speed = res["speed"][name]
+        assert set(speed) == {"softmax", "t2r"}
+        assert all(math.isfinite(row["ms_per_token"]) for rows_ in speed.values() for row in rows_)
+        assert speed["t2r"][-1]["state_bytes"] < speed["softmax"][-1]["state_bytes"]
+    assert (out / "results" / "decode_time.png").stat().st_size > 1000
+    assert "| T2R + pretrain" in (out / "results" / "results.md").read_text()
+
+    again = _run(out)  # idempotent: every stage is skipped
+    assert "done (skipping)" in again.stdout and "T2R swap:" not in again.stdout
