@@ -104,11 +104,11 @@ if has_stage eval; then
         --tokens-per-sample 128 --max-tokens 4096 --gen-subset test > "$OUT/eval/$name.lm.log" 2>&1
       grep Perplexity "$OUT/eval/$name.lm.log"
     fi
-    if ! done_or_force "$OUT/eval/$name.mt.log" || ! grep -q "BLEU" "$OUT/eval/$name.mt.log"; then
+    if ! done_or_force "$OUT/eval/$name.mt.log" || ! grep -q "sacreBLEU = " "$OUT/eval/$name.mt.log"; then
       say "generate $name (beam 4, sacreBLEU on detokenised sentencepiece output)"
       fairseq-generate "$OUT/data-bin/mt" --user-dir "$ROOT/t2r_fairseq" --path "$ck.mt/checkpoint_last.pt" --cpu \
         --beam 4 --max-tokens 4096 --gen-subset test --post-process sentencepiece --scoring sacrebleu > "$OUT/eval/$name.mt.log" 2>&1
-      grep "BLEU" "$OUT/eval/$name.mt.log" | tail -1
+      python -m t2r_fairseq.tools.sacrebleu_from_generate "$OUT/eval/$name.mt.log" | tee -a "$OUT/eval/$name.mt.log"
     fi
   done
 fi

@@ -42,7 +42,7 @@ def collect(out: Path) -> dict:
             row[f"{kind}_test_ppl" if kind == "lm" else "mt_test_bleu"] = (
                 _float(_find(r"Perplexity: ([\d.]+)", out / "eval" / f"{key}.lm.log"))
                 if kind == "lm"
-                else _float(_find(r"BLEU = ([\d.]+)", out / "eval" / f"{key}.mt.log"))
+                else _float(_find(r"sacreBLEU = ([\d.]+)", out / "eval" / f"{key}.mt.log"))
             )
             train_log = out / "train" / f"{key}.{kind}.log"
             row[f"{kind}_updates"] = _float(_find(r"num_updates (\d+)", train_log))
@@ -51,7 +51,7 @@ def collect(out: Path) -> dict:
     speed = {}
     for f in sorted((out / "eval").glob("speed*.json")):
         speed[f.stem] = json.loads(f.read_text())
-    signature = _find(r"(nrefs:\S+)", out / "eval" / "t2r.mt.log")
+    signature = _find(r"signature: (\S+)", out / "eval" / "t2r.mt.log")
     return {"rows": rows, "speed": speed, "sacrebleu_signature": signature}
 
 
