@@ -2,22 +2,28 @@
 # T2R end to end on CPU in minutes: data -> softmax teachers -> swap-then-finetune -> evaluate -> report.
 #
 #   bash recipes/quickstart.sh [--out DIR] [--lm-data DIR] [--mt-data DIR --src en --tgt de]
+#                              [--lm-splits OUT=IN,...] [--mt-splits OUT=IN,...]
 #                              [--stages data,teacher,finetune,eval,speed,report] [--force] [--tiny]
 #
 # Default data: a corpus generated offline by data-prep/toy_corpus.py (grammar-generated English and an
 # invented SOV target language). Your own raw text: --lm-data DIR with train.txt/valid.txt/test.txt,
 # --mt-data DIR with train.SRC/train.TGT, valid.*, test.* (e.g. Multi30k). Both are sentencepiece-encoded
-# and binarised with fairseq-preprocess. Finished stages are skipped (delete or --force to redo);
-# everything lands under --out (default runs/quickstart). Budgets: QS_TEACHER_UPDATES, QS_FINETUNE_UPDATES.
+# and binarised with fairseq-preprocess. Other split names: --mt-splits train=train,valid=val,test=test_2016_flickr
+# (Multi30k), --lm-splits train=valid,valid=test,test=test (WikiText-2 without its train split).
+# Finished stages are skipped (delete or --force to redo); everything lands under --out (default runs/quickstart).
+# Budgets: QS_TEACHER_UPDATES, QS_FINETUNE_UPDATES. Compared models: QS_MODELS (default "t2r elu t2r_scratch";
+# also available: rfa, performer, hedgehog (swap-finetune with that map), t2r_scratch_long (from scratch, teacher budget)).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=runs/quickstart LM_DATA="" MT_DATA="" SRC=en TGT=xx STAGES=data,teacher,finetune,eval,speed,report FORCE=0 TINY=0
+LM_SPLITS=train=train,valid=valid,test=test MT_SPLITS=train=train,valid=valid,test=test
 while [[ $# -gt 0 ]]; do
   case $1 in
     --out) OUT=$2; shift 2;; --lm-data) LM_DATA=$2; shift 2;; --mt-data) MT_DATA=$2; shift 2;;
     --src) SRC=$2; shift 2;; --tgt) TGT=$2; shift 2;; --stages) STAGES=$2; shift 2;;
+    --lm-splits) LM_SPLITS=$2; shift 2;; --mt-splits) MT_SPLITS=$2; shift 2;;
     --force) FORCE=1; shift;; --tiny) TINY=1; shift;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0;;
     *) echo "quickstart: unknown option $1 (see --help)" >&2; exit 2;;
   esac
 done
@@ -34,9 +40,10 @@ if [[ $TINY == 1 ]]; then
   TEACHER_UPDATES=${QS_TEACHER_UPDATES:-20} FINETUNE_UPDATES=${QS_FINETUNE_UPDATES:-10} NTRAIN=600 NVALID=100 VOCAB=200
   DIM=32 FFN=64 LAYERS=2 HEADS=4 FEAT=8 SPEED_LENGTHS=16,64 MAXTOK=2048
 else
-  TEACHER_UPDATES=${QS_TEACHER_UPDATES:-600} FINETUNE_UPDATES=${QS_FINETUNE_UPDATES:-200} NTRAIN=20000 NVALID=1000 VOCAB=1000
+  TEACHER_UPDATES=${QS_TEACHER_UPDATES:-400} FINETUNE_UPDATES=${QS_FINETUNE_UPDATES:-150} NTRAIN=20000 NVALID=1000 VOCAB=${QS_VOCAB:-1000}
   DIM=128 FFN=512 LAYERS=3 HEADS=4 FEAT=32 SPEED_LENGTHS=64,256,1024,2048 MAXTOK=4096
 fi
+MODELS=${QS_MODELS:-t2r elu t2r_scratch}
 COMMON=(--optimizer adam --adam-betas "(0.9,0.98)" --lr 1e-3 --lr-scheduler inverse_sqrt --warmup-updates 50
         --clip-norm 1.0 --max-tokens $MAXTOK --cpu --seed 1 --log-format simple --log-interval 25
         --no-epoch-checkpoints --num-workers 0 --user-dir "$ROOT/t2r_fairseq")
@@ -57,8 +64,8 @@ if has_stage data; then
       python "$ROOT/data-prep/toy_corpus.py" "$OUT/data/toy" --train $NTRAIN --valid $NVALID
     fi
     LM_RAW=${LM_DATA:-$OUT/data/toy/lm}; MT_RAW=${MT_DATA:-$OUT/data/toy/mt}
-    python "$ROOT/data-prep/spm_encode.py" --kind lm --in-dir "$LM_RAW" --out-dir "$OUT/data/lm-spm" --vocab-size $VOCAB
-    python "$ROOT/data-prep/spm_encode.py" --kind mt --in-dir "$MT_RAW" --out-dir "$OUT/data/mt-spm" --src "$SRC" --tgt "$TGT" --vocab-size $VOCAB
+    python "$ROOT/data-prep/spm_encode.py" --kind lm --in-dir "$LM_RAW" --out-dir "$OUT/data/lm-spm" --vocab-size $VOCAB --splits "$LM_SPLITS"
+    python "$ROOT/data-prep/spm_encode.py" --kind mt --in-dir "$MT_RAW" --out-dir "$OUT/data/mt-spm" --src "$SRC" --tgt "$TGT" --vocab-size $VOCAB --splits "$MT_SPLITS"
     rm -rf "$OUT/data-bin"
     fairseq-preprocess --only-source --trainpref "$OUT/data/lm-spm/train.txt" --validpref "$OUT/data/lm-spm/valid.txt" \
       --testpref "$OUT/data/lm-spm/test.txt" --destdir "$OUT/data-bin/lm" --workers 2 > "$OUT/data/lm-preprocess.log"
@@ -88,15 +95,21 @@ if has_stage finetune; then
   for kind in lm mt; do
     t2r_arch=t2r_transformer_lm; [[ $kind == mt ]] && t2r_arch=t2r_transformer
     teacher="$OUT/checkpoints/teacher.$kind/checkpoint_last.pt"
-    train t2r "$kind" "$FINETUNE_UPDATES" $t2r_arch --feature-map t2r --feature-size $FEAT --finetune-from-model "$teacher"
-    train elu "$kind" "$FINETUNE_UPDATES" $t2r_arch --feature-map elu --finetune-from-model "$teacher"
-    train t2r_scratch "$kind" "$FINETUNE_UPDATES" $t2r_arch --feature-map t2r --feature-size $FEAT
+    for name in $MODELS; do
+      case $name in
+        t2r_scratch) train "$name" "$kind" "$FINETUNE_UPDATES" $t2r_arch --feature-map t2r --feature-size $FEAT;;
+        t2r_scratch_long) train "$name" "$kind" "$TEACHER_UPDATES" $t2r_arch --feature-map t2r --feature-size $FEAT;;
+        t2r|elu|rfa|performer|hedgehog)
+          train "$name" "$kind" "$FINETUNE_UPDATES" $t2r_arch --feature-map "$name" --feature-size $FEAT --finetune-from-model "$teacher";;
+        *) echo "quickstart: unknown model '$name' in QS_MODELS" >&2; exit 2;;
+      esac
+    done
   done
 fi
 
 # ---- evaluation -----------------------------------------------------------------------------------------
 if has_stage eval; then
-  for name in teacher t2r elu t2r_scratch; do
+  for name in teacher $MODELS; do
     ck="$OUT/checkpoints/$name"
     if ! done_or_force "$OUT/eval/$name.lm.log" || ! grep -q Perplexity "$OUT/eval/$name.lm.log"; then
       say "eval-lm $name"

@@ -19,7 +19,11 @@ ROWS = [
     ("teacher", "softmax teacher"),
     ("t2r", "T2R + pretrain (swap-then-finetune)"),
     ("elu", "ELU+1 + pretrain"),
+    ("rfa", "RFA + pretrain"),
+    ("performer", "Performer + pretrain"),
+    ("hedgehog", "Hedgehog + pretrain"),
     ("t2r_scratch", "T2R random init, same updates"),
+    ("t2r_scratch_long", "T2R random init, teacher's updates"),
 ]
 
 
@@ -37,6 +41,8 @@ def _float(x: Optional[str]) -> Optional[float]:
 def collect(out: Path) -> dict:
     rows = []
     for key, label in ROWS:
+        if not any((out / d / f"{key}.{k}.log").exists() for d in ("train", "eval") for k in ("lm", "mt")):
+            continue  # not part of this run
         row = {"model": key, "description": label}
         for kind in ("lm", "mt"):
             row[f"{kind}_test_ppl" if kind == "lm" else "mt_test_bleu"] = (
@@ -45,6 +51,7 @@ def collect(out: Path) -> dict:
                 else _float(_find(r"sacreBLEU = ([\d.]+)", out / "eval" / f"{key}.mt.log"))
             )
             train_log = out / "train" / f"{key}.{kind}.log"
+            row[f"{kind}_valid_ppl"] = _float(_find(r"\| valid \|.*?\| ppl ([\d.]+)", train_log))
             row[f"{kind}_updates"] = _float(_find(r"num_updates (\d+)", train_log))
             row[f"{kind}_train_seconds"] = _float(_find(r"done training in ([\d.]+) seconds", train_log))
         rows.append(row)
@@ -60,10 +67,11 @@ def _fmt(x: Optional[float], spec: str) -> str:
 
 
 def to_markdown(res: dict) -> str:
-    lines = ["| model | LM test ppl | MT test BLEU | LM updates | MT updates | LM train s | MT train s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | LM valid ppl | LM test ppl | MT valid ppl | MT test BLEU | LM updates | MT updates | LM train s | MT train s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
-        lines.append(f"| {r['description']} | {_fmt(r['lm_test_ppl'], '.2f')} | {_fmt(r['mt_test_bleu'], '.2f')} | "
+        lines.append(f"| {r['description']} | {_fmt(r['lm_valid_ppl'], '.2f')} | {_fmt(r['lm_test_ppl'], '.2f')} | "
+                     f"{_fmt(r['mt_valid_ppl'], '.2f')} | {_fmt(r['mt_test_bleu'], '.2f')} | "
                      f"{_fmt(r['lm_updates'], '.0f')} | {_fmt(r['mt_updates'], '.0f')} | "
                      f"{_fmt(r['lm_train_seconds'], '.0f')} | {_fmt(r['mt_train_seconds'], '.0f')} |")
     if res["sacrebleu_signature"]:
@@ -101,6 +109,9 @@ def plot(res: dict, path: Path) -> None:
 
 
 def main() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, force=True)  # keep library debug chatter out of the report
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("out", type=Path)
     args = ap.parse_args()
