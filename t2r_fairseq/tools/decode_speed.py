@@ -21,10 +21,7 @@ import torch
 from fairseq import checkpoint_utils
 
 import t2r_fairseq  # noqa: F401  (registers models, safe-load allow-list)
-
-
-def state_bytes(incremental_state: Dict[str, Dict[str, torch.Tensor]]) -> int:
-    return sum(t.numel() * t.element_size() for buf in incremental_state.values() for t in buf.values() if t is not None)
+from t2r_fairseq.bench import state_bytes
 
 
 @torch.no_grad()
@@ -50,7 +47,7 @@ def profile_decoder(model: torch.nn.Module, lengths: List[int], batch: int, wind
     rows = []
     for L in sorted(targets):
         window_times = [times[i] for i in range(max(1, L - window + 1), L + 1)]
-        rows.append({"context": L, "batch": batch, "ms_per_token": 1000 * statistics.median(window_times) / 1,
+        rows.append({"context": L, "batch": batch, "ms_per_token": 1000 * statistics.median(window_times),
                      "spread_ms": 1000 * (max(window_times) - min(window_times))})
     # state size at the end of the run (KV cache grows with context; (S, z) does not)
     rows[-1]["state_bytes"] = state_bytes(state)
