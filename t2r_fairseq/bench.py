@@ -9,7 +9,8 @@ repetitions after ``--warmup`` untimed ones, with the spread (max - min) beside 
 
 1. decode: one incremental step of fairseq's softmax ``transformer_lm`` (KV cache)
    vs the T2R model of the same size (``(S, z)`` state) vs an attention-free
-   lower bound (the same model with every attention block skipped), at each
+   lower bound (the same model with the attention's token mixing removed but its
+   q/k/v/out projections kept), at each
    context length. The state is pre-filled to the context length so a step at
    context 8192 costs one step, not 8192 of them; fairseq's own decoder computes
    the step (embedding, positions, layers, output projection).
@@ -59,16 +60,24 @@ def peak_rss_mib() -> float:
 # --------------------------------------------------------------------------- decode
 
 
-class _SkipAttention(nn.Module):
-    """Stands in for an attention block: returns its query unchanged and keeps no state.
+class _MixingFreeAttention(nn.Module):
+    """The attention block with its token mixing removed: the attention-free lower bound.
 
-    Replacing every attention of the model with it gives the cost of everything
-    else (embeddings, layer norms, FFNs, output projection) -- the floor any
-    attention variant can approach.
+    It keeps the layer's q/k/v/out projections (they are the model's parameters
+    and any attention variant pays for them) but lets each position see only its
+    own value, ``out_proj(v_proj(x))``, with no state at all. What T2R costs above
+    this is the price of its feature maps and recurrent state; what softmax costs
+    above it is the price of its KV cache.
     """
 
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj
+
     def forward(self, query, key=None, value=None, **kwargs):  # noqa: ANN001 - fairseq's call signature
-        return query, None
+        self.q_proj(query)
+        self.k_proj(query)
+        return self.out_proj(self.v_proj(query)), None
 
     def _get_input_buffer(self, incremental_state):  # noqa: ANN001
         return {}
@@ -101,7 +110,7 @@ def build_lm(kind: str, layers: int, dim: int, heads: int, vocab: int, max_posit
     model = task.build_model(args).eval()
     if kind == "no_attention":
         for layer in model.decoder.layers:
-            layer.self_attn = _SkipAttention()
+            layer.self_attn = _MixingFreeAttention(layer.self_attn)
     model.make_generation_fast_()
     return model
 
