@@ -2,14 +2,20 @@
 
 Use as a fairseq user directory: ``fairseq-train --user-dir t2r_fairseq ...``.
 Importing it registers the ``t2r_transformer`` and ``t2r_transformer_lm``
-models with their architectures, and makes fairseq checkpoints loadable under
-torch's safe (``weights_only``) unpickler.
+models with their architectures, makes fairseq checkpoints loadable under
+torch's safe (``weights_only``) unpickler, and restores the one numpy alias
+fairseq 0.12 still uses (see :mod:`t2r_fairseq.fairseq_compat`).
 """
 
-from t2r_fairseq.checkpoint_compat import allow_fairseq_checkpoint_globals, name_path_in_checkpoint_errors
+from t2r_fairseq.fairseq_compat import (
+    allow_fairseq_checkpoint_globals,
+    name_path_in_checkpoint_errors,
+    restore_numpy_compat_long,
+)
 
 allow_fairseq_checkpoint_globals()
 name_path_in_checkpoint_errors()
+restore_numpy_compat_long()
 
 from t2r_fairseq.models import t2r_transformer, t2r_transformer_lm  # noqa: E402,F401  (registration)
 

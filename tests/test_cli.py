@@ -80,6 +80,20 @@ def test_lm_swap_finetune_then_eval_lm(work):
     assert "T2R swap:" not in out and "num_updates 25" in out
 
 
+def test_lm_python_hub_generation(work):
+    """fairseq's hub interface on a T2R checkpoint: beam search through the recurrent state."""
+    code = (
+        "import t2r_fairseq, torch\n"
+        "from t2r_fairseq.models.t2r_transformer_lm import T2RTransformerLanguageModel as M\n"
+        f"hub = M.from_pretrained({str(work / 'lm-t2r')!r}, 'checkpoint_last.pt', {str(work / 'bin-lm')!r})\n"
+        "out = hub.generate(hub.encode('w1 w2 w3'), beam=3, max_len_b=6)\n"
+        "print('N_HYPS', len(out), 'LEN', len(out[0]['tokens']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"N_HYPS 3 LEN \d+", proc.stdout), proc.stdout
+
+
 def test_lm_swap_through_restore_file_with_resets(work):
     proc = run("fairseq-train", work / "bin-lm", "--user-dir", USER_DIR, *LM_TASK, "--arch", "t2r_transformer_lm",
                "--feature-map", "performer", *TRAIN, "--max-update", "5", "--save-dir", work / "lm-performer",

@@ -1,4 +1,6 @@
-"""Let torch >= 2.6's safe checkpoint loading read fairseq checkpoints.
+"""Small compatibility fixes for fairseq 0.12 on current torch and numpy, applied at import.
+
+Let torch >= 2.6's safe checkpoint loading read fairseq checkpoints.
 
 Since torch 2.6, ``torch.load`` defaults to ``weights_only=True``, which only
 unpickles allow-listed types. fairseq checkpoints store their training
@@ -61,3 +63,17 @@ def name_path_in_checkpoint_errors() -> None:
 
     load_checkpoint_to_cpu._t2r_wrapped = True  # type: ignore[attr-defined]
     checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+
+
+def restore_numpy_compat_long() -> None:
+    """fairseq 0.12 still spells ``np.compat.long`` (removed in numpy 2) in
+    ``TokenBlockDataset`` for ``break_mode="eos"``, the mode the hub interface
+    (``from_pretrained(...).generate``) and ``--sample-break-mode eos`` use. We add
+    back exactly that alias (``int``, as numpy 1 defined it) when it is missing.
+    """
+    import numpy as np
+
+    if not hasattr(np, "compat"):
+        import types
+
+        np.compat = types.SimpleNamespace(long=int)  # type: ignore[attr-defined]
