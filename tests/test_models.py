@@ -152,7 +152,6 @@ def test_cross_attention_weights_when_asked(tmp_path):
     _, task, model = build_mt(tmp_path)
     src, lengths, prev = _mt_batch(task)
     with torch.no_grad():
-        _, extra = model(src, lengths, prev, return_all_hiddens=False)
         out, extra = model.decoder(prev, encoder_out=model.encoder(src, lengths), alignment_layer=1)
     attn = extra["attn"][0]
     assert attn.shape == (3, prev.size(1), src.size(1))
