@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -60,3 +63,21 @@ def write_corpus(path: Path, lines: int, seed: int) -> None:
     """Deterministic toy text (used by the CLI tests)."""
     rng = random.Random(seed)
     path.write_text("".join(" ".join(rng.choice(VOCAB) for _ in range(rng.randint(4, 12))) + "\n" for _ in range(lines)))
+
+
+# -- fairseq command lines (the CLI tests) ----------------------------------------------------
+
+BIN = Path(sys.executable).parent
+TRAIN = ["--optimizer", "adam", "--lr", "2e-3", "--max-tokens", "2048", "--cpu", "--seed", "1",
+         "--log-format", "simple", "--log-interval", "5", "--no-epoch-checkpoints", "--num-workers", "0"]
+LM_TASK = ["--task", "language_modeling", "--tokens-per-sample", "64", *LM_ARCH]
+MT_TASK = ["--task", "translation", "--share-all-embeddings", *MT_ARCH,
+           "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"]
+
+
+def run(tool: str, *args: str, ok: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([str(BIN / tool), *map(str, args)], capture_output=True, text=True, env=env, input=stdin, timeout=600)
+    if ok and proc.returncode != 0:
+        raise AssertionError(f"{tool} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc

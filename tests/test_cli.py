@@ -4,56 +4,12 @@ swap-finetune T2R -> eval-lm / generate (sacreBLEU) / interactive / hydra-train,
 from __future__ import annotations
 
 import math
-import os
-import random
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from helpers import LM_ARCH, MT_ARCH, USER_DIR, VOCAB, write_corpus
-
-BIN = Path(sys.executable).parent
-TRAIN = ["--optimizer", "adam", "--lr", "2e-3", "--max-tokens", "2048", "--cpu", "--seed", "1",
-         "--log-format", "simple", "--log-interval", "5", "--no-epoch-checkpoints", "--num-workers", "0"]
-LM_TASK = ["--task", "language_modeling", "--tokens-per-sample", "64", *LM_ARCH]
-MT_TASK = ["--task", "translation", "--share-all-embeddings", *MT_ARCH,
-           "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"]
-
-
-def run(tool: str, *args: str, ok: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([str(BIN / tool), *map(str, args)], capture_output=True, text=True, env=env, input=stdin, timeout=600)
-    if ok and proc.returncode != 0:
-        raise AssertionError(f"{tool} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def _translate(line: str) -> str:
-    """A learnable toy 'language pair': reverse the sentence and map each word."""
-    return " ".join(VOCAB[(VOCAB.index(w) + 7) % len(VOCAB)] for w in reversed(line.split()))
-
-
-@pytest.fixture(scope="session")
-def work(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cli")
-    raw = root / "raw"
-    raw.mkdir()
-    for split, n, seed in [("train", 800, 1), ("valid", 200, 2), ("test", 60, 3)]:
-        write_corpus(raw / f"lm.{split}", n, seed)
-        write_corpus(raw / f"mt.{split}.src", n, seed + 10)
-        (raw / f"mt.{split}.tgt").write_text("".join(_translate(l) + "\n" for l in (raw / f"mt.{split}.src").read_text().splitlines()))
-    run("fairseq-preprocess", "--only-source", "--trainpref", raw / "lm.train", "--validpref", raw / "lm.valid",
-        "--testpref", raw / "lm.test", "--destdir", root / "bin-lm", "--workers", "1")
-    run("fairseq-preprocess", "-s", "src", "-t", "tgt", "--joined-dictionary", "--trainpref", raw / "mt.train",
-        "--validpref", raw / "mt.valid", "--testpref", raw / "mt.test", "--destdir", root / "bin-mt", "--workers", "1")
-    run("fairseq-train", root / "bin-lm", *LM_TASK, "--arch", "transformer_lm", *TRAIN, "--max-update", "30",
-        "--save-dir", root / "lm-teacher")
-    run("fairseq-train", root / "bin-mt", *MT_TASK, "--arch", "transformer", *TRAIN, "--max-update", "40",
-        "--save-dir", root / "mt-teacher")
-    return root
+from helpers import LM_TASK, MT_TASK, TRAIN, USER_DIR, VOCAB, run
 
 
 def _swap_line(proc: subprocess.CompletedProcess) -> str:
