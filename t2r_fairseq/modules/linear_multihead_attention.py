@@ -133,6 +133,33 @@ class LinearMultiheadAttention(nn.Module):
     def _phi_k(self, key: Tensor) -> Tensor:
         return self.feature_map(self._heads(self.k_proj(key)), is_query=False)
 
+    def project(self, query: Tensor, key: Tensor, value: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Head-first ``q`` (scaled by ``head_dim ** -0.5``), ``k``, ``v`` before the feature map.
+
+        ``[T|S, B, C] -> [B, H, T|S, head_dim]``; these are exactly the tensors a
+        softmax teacher with the same projections would attend with, which is
+        what attention transfer compares against.
+        """
+        return (
+            self._heads(self.q_proj(query) * self.scaling),
+            self._heads(self.k_proj(key)),
+            self._heads(self.v_proj(value)),
+        )
+
+    def mix(self, phi_q: Tensor, phi_k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """Whole-sequence (non-incremental) attention of this layer's role, ``[B, H, T, head_dim]``.
+
+        Causal self-attention uses the chunkwise O(L) form; cross and
+        bidirectional attention summarise the keys once and read out.
+        """
+        if self.causal:
+            out, _ = causal_linear_attention(
+                phi_q, phi_k, v, key_padding_mask, chunk_size=self.options.chunk_size, eps=self.options.eps
+            )
+            return out
+        state = linear_attention_state(phi_k, v, key_padding_mask)
+        return linear_attention_readout(phi_q, state, self.options.eps).to(v.dtype)
+
     # -- forward --------------------------------------------------------------
 
     def forward(
@@ -167,15 +194,10 @@ class LinearMultiheadAttention(nn.Module):
         phi_q = self._phi_q(query)
         phi_k = self._phi_k(query if key is None else key)
         v = self._heads(self.v_proj(query if value is None else value))
-        if not self.causal:
-            state = linear_attention_state(phi_k, v, key_padding_mask)
-            out = linear_attention_readout(phi_q, state, self.options.eps).to(v.dtype)
-        elif incremental_state is None:
-            out, _ = causal_linear_attention(
-                phi_q, phi_k, v, key_padding_mask, chunk_size=self.options.chunk_size, eps=self.options.eps
-            )
-        else:
+        if self.causal and incremental_state is not None:
             out = self._causal_incremental(phi_q, phi_k, v, key_padding_mask, incremental_state)
+        else:
+            out = self.mix(phi_q, phi_k, v, key_padding_mask)
         return self.out_proj(self._merge(out)), None
 
     def _causal_incremental(
