@@ -27,9 +27,13 @@ setup(
         "sacrebleu>=2.3",
         "sentencepiece>=0.1.99",
         "numpy",
+        # recipes/ and data-prep/: fairseq's WMT pipeline (Moses tokenisation + joint BPE) from PyPI.
+        "sacremoses>=0.1.1",
+        "subword-nmt>=0.3.8",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "tensorboardX>=2.6"],
+        "tensorboard": ["tensorboardX>=2.6"],
         "plots": ["matplotlib>=3.7"],
     },
     classifiers=[
