@@ -112,7 +112,7 @@ def source_url(url: str) -> str:
 
 def _progress(name: str, done: int, total: int | None, last: list[float]) -> None:
     now = time.monotonic()
-    if now - last[0] < 30 and (total is None or done < total):
+    if now - last[0] < 30 and (total is None or done < total or total < 50e6):
         return
     last[0] = now
     pct = f" ({100 * done / total:.0f}%)" if total else ""
