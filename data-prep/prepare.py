@@ -102,14 +102,20 @@ def extract(archive: Path, members: list[str], dest: Path) -> dict[str, Path]:
         return out
     log(f"extracting {', '.join(sorted(todo))} from {archive.name}")
 
+    staged: dict[str, Path] = {}  # renamed to their final names only once the whole archive has been read
+
     def save(name: str, fobj) -> None:
         target = out[name]
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".tmp")
+        staged[name] = tmp
         with open(tmp, "wb") as f:
             shutil.copyfileobj(fobj, f, 1 << 20)
-        os.replace(tmp, target)
         todo.discard(name)
+
+    def discard_staged() -> None:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
 
     try:
         if zipfile.is_zipfile(archive):
@@ -128,10 +134,17 @@ def extract(archive: Path, members: list[str], dest: Path) -> dict[str, Path]:
                     if name in todo and info.isfile():
                         save(name, tar.extractfile(info))
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as e:
+        discard_staged()
         raise PrepError(f"{archive} is corrupt or truncated ({e}): delete it and run again") from None
+    except PrepError:
+        discard_staged()
+        raise
     if todo:
+        discard_staged()
         raise PrepError(f"{archive} lacks {', '.join(sorted(todo))}: it is not the expected upstream file "
                         "(or an incomplete copy); delete it and run again")
+    for name, tmp in staged.items():
+        os.replace(tmp, out[name])
     return out
 
 
