@@ -187,8 +187,8 @@ def fetch(url: str, dest_dir: Path, sha256: str | None = None) -> Path:
             (f"set T2R_DATA_MIRROR to a directory or URL that holds {name}")
         raise DownloadError(
             f"cannot download {src}: {reason}. This machine may be offline or the file may have moved: "
-            f"download it elsewhere and place it at {final}, or {mirror_hint}. "
-            f"Run again to resume ({part} is kept)") from None
+            f"download it elsewhere and place it at {final}, or {mirror_hint}"
+            + (f". Run again to resume ({part} is kept)" if part.exists() and part.stat().st_size else "")) from None
     if not verify(part, digest):
         got = file_digest(part, _algo(digest))
         part.unlink()

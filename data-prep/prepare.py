@@ -455,16 +455,19 @@ def prep_wmt17_zhen(a: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="dataset", required=True)
+    epilog = ("environment: T2R_DATA_MIRROR=DIR|URL fetches every file from there instead of upstream; "
+              "T2R_DATA_CHECKSUMS=FILE replaces the published sums table (data-prep/checksums.sha256). "
+              "Re-running skips finished steps; OUT/DONE marks a complete run. See data-prep/README.md.")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", type=Path, required=True, help="output directory (DONE is written last)")
     common.add_argument("--raw", type=Path, default=None, help="download cache (default OUT/raw)")
     jobs = argparse.ArgumentParser(add_help=False)
     jobs.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="parallel processes")
     jobs.add_argument("--keep-tmp", action="store_true", help="keep OUT/tmp (intermediate files)")
-    sub.add_parser("wikitext103", parents=[common], help="WikiText-103 in fairseq's LM layout",
+    sub.add_parser("wikitext103", parents=[common], prog="data-prep/wikitext103.sh", epilog=epilog, help="WikiText-103 in fairseq's LM layout",
                    description="WikiText-103 (wikitext-103-v1.zip) -> OUT/wiki.{train,valid,test}.tokens")
     for name, tgt in (("wmt14_ende", "de"), ("wmt14_enfr", "fr")):
-        p = sub.add_parser(name, parents=[common, jobs], help=f"WMT14 EN-{tgt.upper()}, Moses + joint BPE",
+        p = sub.add_parser(name, parents=[common, jobs], prog=f"data-prep/{name}.sh", epilog=epilog, help=f"WMT14 EN-{tgt.upper()}, Moses + joint BPE",
                            description=f"WMT14 EN-{tgt.upper()} as fairseq's prepare-wmt14en2{tgt}.sh: Moses "
                            f"normalise/tokenise -a, joint BPE, clean (ratio 1.5, 1..250). Writes "
                            f"OUT/{{train,valid,test}}.{{en,{tgt}}}, OUT/code, OUT/ref/test.{{en,{tgt}}}, OUT/DONE.")
@@ -477,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
         if tgt == "de":
             p.add_argument("--icml17", action="store_true",
                            help="news-commentary v9 instead of v12 (fairseq's --icml17, the ConvS2S data)")
-    p = sub.add_parser("wmt17_zhen", parents=[common, jobs], help="WMT17 ZH-EN, joint sentencepiece",
+    p = sub.add_parser("wmt17_zhen", parents=[common, jobs], prog="data-prep/wmt17_zhen.sh", epilog=epilog, help="WMT17 ZH-EN, joint sentencepiece",
                        description="WMT17 ZH-EN: news-commentary v12 + UN v1.0 (+ CWMT from --cwmt-dir), "
                        "joint sentencepiece. Writes OUT/{train,valid,test}.{zh,en}, OUT/spm.model, "
                        "OUT/ref/test.{zh,en}, OUT/DONE.")
