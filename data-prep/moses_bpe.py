@@ -101,9 +101,13 @@ def _parallel_map(func, init, initargs, lines: Iterable[str], workers: int) -> I
             yield from func(chunk)
         return
     ctx = mp.get_context("fork" if sys.platform != "win32" else "spawn")
+    chunks = _chunks(lines)
     with ctx.Pool(workers, initializer=init, initargs=initargs) as pool:
-        for out in pool.imap(func, _chunks(lines), chunksize=1):
-            yield from out
+        # A bounded window of chunks at a time: Pool.imap alone would read the whole input into memory
+        # (its feeder thread runs ahead of the workers), which for giga-fren means tens of GB.
+        while window := list(itertools.islice(chunks, 4 * workers)):
+            for out in pool.imap(func, window):
+                yield from out
 
 
 def tokenize_files(inputs: list[Path], out: Path, lang: str, mode: str = "train", workers: int = 1) -> int:

@@ -423,6 +423,12 @@ def prep_wmt17_zhen(a: argparse.Namespace) -> None:
         os.replace(f"{prefix}.model", model)
     sp = spm.SentencePieceProcessor(model_file=str(model))
 
+    def pieces(batch: list[str]) -> list[list[str]]:
+        try:
+            return sp.encode(batch, out_type=str, num_threads=a.workers)
+        except TypeError:  # sentencepiece without batch threading
+            return sp.encode(batch, out_type=str)
+
     def encode(inp: Path, outp: Path) -> None:
         if outp.exists():
             return
@@ -431,9 +437,9 @@ def prep_wmt17_zhen(a: argparse.Namespace) -> None:
             for line in f:
                 batch.append(line.strip())
                 if len(batch) == 10000:
-                    w.writelines(" ".join(p) + "\n" for p in sp.encode(batch, out_type=str))
+                    w.writelines(" ".join(p) + "\n" for p in pieces(batch))
                     batch = []
-            w.writelines(" ".join(p) + "\n" for p in sp.encode(batch, out_type=str))
+            w.writelines(" ".join(p) + "\n" for p in pieces(batch))
 
     for l in ("zh", "en"):
         encode(tmp / f"train.raw.{l}", tmp / f"spm.train.{l}")
@@ -488,7 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpora", default="nc,un", help="training corpora among nc,un,cwmt (default nc,un)")
     p.add_argument("--cwmt-dir", type=Path, default=None, help="directory with the extracted CWMT corpora")
     p.add_argument("--clean-ratio", type=float, default=3.0, help="max piece-length ratio of a training pair")
-    p.add_argument("--spm-sample", type=int, default=10_000_000, help="sentences sampled to train sentencepiece")
+    p.add_argument("--spm-sample", type=int, default=5_000_000,
+                   help="sentences sampled to train sentencepiece (default 5M; memory grows with it)")
     return ap
 
 
