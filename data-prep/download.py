@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import shutil
 import socket
 import sys
 import time
@@ -200,17 +199,6 @@ def fetch(url: str, dest_dir: Path, sha256: str | None = None) -> Path:
         print(f"[download] {name}: no published checksum, accepted unverified (checked structurally)",
               file=sys.stderr, flush=True)
     return final
-
-
-def place(src_file: Path, url: str, dest_dir: Path) -> Path:
-    """Copy a manually obtained file into the cache under the name ``url`` would give it, verifying it."""
-    final = Path(dest_dir) / basename_of(url)
-    if final.resolve() != Path(src_file).resolve():
-        Path(dest_dir).mkdir(parents=True, exist_ok=True)
-        part = final.with_name(final.name + ".part")
-        shutil.copyfile(src_file, part)
-        os.replace(part, final)
-    return fetch(url, dest_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -329,9 +329,9 @@ def prep_wmt14(a: argparse.Namespace, src: str, tgt: str) -> None:
     if summary["valid"] == 0:
         raise PrepError(f"the valid split is empty (1 in {every} of {n_src} training lines, after cleaning): "
                         "use more training data or a smaller --valid-every")
-    if not a.keep_tmp:
-        shutil.rmtree(tmp, ignore_errors=True)
     finish(out, summary)
+    if not a.keep_tmp:  # after DONE: a run killed before it still has its intermediates to resume from
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # -- WMT17 ZH-EN (sentencepiece) ----------------------------------------------------------------------------
@@ -451,9 +451,9 @@ def prep_wmt17_zhen(a: argparse.Namespace) -> None:
                                        out / "train.en", a.clean_ratio, 1, 250)
         log(f"clean train: kept {kept} of {total} pairs")
     summary = {"train": count_lines(out / "train.zh"), "valid": n_valid, "test": n_test}
-    if not a.keep_tmp:
-        shutil.rmtree(tmp, ignore_errors=True)
     finish(out, summary)
+    if not a.keep_tmp:  # after DONE: a run killed before it still has its intermediates to resume from
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # -- command line ---------------------------------------------------------------------------------------------
