@@ -83,7 +83,7 @@ def ende(fx, tmp_path_factory) -> Path:
 
 
 def _check_wmt14(out: Path, tgt: str, info: dict, pair: str, every: int) -> None:
-    for f in ["code", "DONE", f"ref/test.en", f"ref/test.{tgt}"] + [f"{s}.{l}" for s in ("train", "valid", "test") for l in ("en", tgt)]:
+    for f in ["code", "DONE", "ref/test.en", f"ref/test.{tgt}"] + [f"{s}.{l}" for s in ("train", "valid", "test") for l in ("en", tgt)]:
         assert (out / f).is_file(), f
     assert not (out / "tmp").exists()
     n = {s: len(lines(out / f"{s}.en")) for s in ("train", "valid", "test")}
