@@ -20,14 +20,34 @@ from typing import Any, List
 
 import torch
 
-SAFE_FAIRSEQ_GLOBALS: List[type] = [argparse.Namespace, collections.OrderedDict]
+SAFE_FAIRSEQ_GLOBALS: List[Any] = [argparse.Namespace, collections.OrderedDict]
+
+
+def _omegaconf_globals() -> List[Any]:
+    """The plain-data omegaconf classes of a checkpoint state as fairseq holds it in memory.
+
+    In multi-process training, rank 0 reads the checkpoint (``--finetune-from-model`` or a resume),
+    fairseq turns its ``cfg`` into an omegaconf ``DictConfig`` and broadcasts the whole state to the
+    other ranks with ``torch.save`` / ``torch.load``, which is a safe load too (tensors travel separately,
+    replaced by fairseq's ``_TensorPlaceholder``); without these the other ranks fail with
+    ``Unsupported global: omegaconf.dictconfig.DictConfig``.
+    """
+    import typing
+
+    from fairseq.distributed.utils import _TensorPlaceholder
+    from omegaconf import DictConfig, ListConfig
+    from omegaconf.base import ContainerMetadata, Metadata
+    from omegaconf.nodes import AnyNode
+
+    return [DictConfig, ListConfig, ContainerMetadata, Metadata, AnyNode, typing.Any, collections.defaultdict,
+            dict, list, int, _TensorPlaceholder]
 
 
 def allow_fairseq_checkpoint_globals() -> None:
     """Register fairseq's config types with torch's safe unpickler (idempotent)."""
     add = getattr(torch.serialization, "add_safe_globals", None)
     if add is not None:  # torch < 2.4 loads pickles unrestricted anyway
-        add(SAFE_FAIRSEQ_GLOBALS)
+        add(SAFE_FAIRSEQ_GLOBALS + _omegaconf_globals())
 
 
 class CheckpointReadError(RuntimeError):
