@@ -2,7 +2,7 @@
 
 Use as a fairseq user directory: ``fairseq-train --user-dir t2r_fairseq ...``.
 Importing it registers the ``t2r_transformer`` and ``t2r_transformer_lm``
-models with their architectures, makes fairseq checkpoints loadable under
+models with their architectures and the ``t2r_attention_transfer`` criterion, makes fairseq checkpoints loadable under
 torch's safe (``weights_only``) unpickler, and restores the one numpy alias
 fairseq 0.12 still uses (see :mod:`t2r_fairseq.fairseq_compat`).
 """
@@ -18,5 +18,6 @@ name_path_in_checkpoint_errors()
 restore_numpy_compat_long()
 
 from t2r_fairseq.models import t2r_transformer, t2r_transformer_lm  # noqa: E402,F401  (registration)
+from t2r_fairseq.criterions import attention_transfer  # noqa: E402,F401  (registration)
 
 __version__ = "0.1.0"

@@ -120,6 +120,13 @@ class T2RTransformerDecoder(TransformerDecoder):
     def buffered_future_mask(self, tensor: Tensor) -> Optional[Tensor]:  # type: ignore[override]
         return None
 
+    num_updates: int = 0
+
+    def set_num_updates(self, num_updates: int) -> None:
+        """Called by fairseq before every training step (and on resume); schedules such as the
+        attention-transfer criterion's read ``decoder.num_updates``, as fairseq's own criteria do."""
+        self.num_updates = num_updates
+
 
 class T2RTransformerEncoder(TransformerEncoder):
     """fairseq's ``TransformerEncoder`` built from linear-attention layers."""

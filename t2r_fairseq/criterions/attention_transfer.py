@@ -1,0 +1,344 @@
+"""``--criterion t2r_attention_transfer``: the task loss plus attention transfer from the softmax teacher.
+
+The paper swaps and finetunes on the task loss alone. Hedgehog and LoLCATs
+first teach the new feature maps to reproduce the teacher's attention, layer
+by layer, which closes much of the remaining gap. This criterion does both in
+one fairseq run:
+
+* the task loss is fairseq's (label-smoothed) cross-entropy (``--label-smoothing
+  0``, the default here, is plain cross-entropy, so LM and MT share one criterion);
+* for every swapped layer (decoder self- and cross-attention, and the encoder
+  with ``--swap-encoder``), the layer's inputs are captured with a forward
+  hook, the teacher's softmax attention is computed from those same inputs
+  with the teacher's frozen q/k/v/out projections (a few matrices per layer,
+  not a second model), and the student's linear attention is recomputed from
+  the same detached inputs. Detaching makes each layer's transfer loss local
+  to that layer, as in Hedgehog/LoLCATs;
+* schedule: ``--transfer-only-updates N`` makes the first N updates a
+  transfer-only stage in which only the feature maps receive gradients (the
+  model forward runs without autograd, and the student's projections are
+  evaluated without gradient); after it, ``loss = task + w * transfer`` with
+  ``w`` going linearly from ``--transfer-weight`` to ``--transfer-weight-end``
+  over ``--transfer-anneal-updates`` (``--transfer-weight 0`` after a transfer
+  stage = "transfer, then task finetuning").
+
+Per-layer transfer losses are logged as fairseq metrics (``at_dec0_self``,
+``at_dec0_cross``, ``at_enc0_self``, ... and their mean ``transfer``), so they
+appear in the progress output, in validation and in ``--tensorboard-logdir``.
+Validation ``loss`` is the task loss alone, so ``checkpoint_best`` and early
+stopping compare models on the task, not on the schedule's current weight.
+The teacher tensors are non-persistent buffers: checkpoints never contain
+them, and ``fairseq-generate`` / ``fairseq-eval-lm`` need no teacher.
+"""
+
+
+import inspect
+import logging
+import os
+import re
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from fairseq import metrics
+from fairseq.criterions import register_criterion
+from fairseq.criterions.label_smoothed_cross_entropy import (
+    LabelSmoothedCrossEntropyCriterion,
+    LabelSmoothedCrossEntropyCriterionConfig,
+)
+from fairseq.dataclass import ChoiceEnum
+from omegaconf import II
+from torch import Tensor, nn
+
+from t2r_fairseq.models.layers import T2RTransformerDecoder
+from t2r_fairseq.modules.linear_multihead_attention import LinearMultiheadAttention
+from t2r_fairseq.modules.softmax_teacher import SoftmaxAttentionTeacher, TeacherLoadError
+from t2r_fairseq.ops.attention_transfer import attention_kl, output_mse
+from t2r_fairseq.ops.linear_attention import linear_attention_weights
+from t2r_fairseq.swap import NEW_TENSOR_PATTERN
+
+logger = logging.getLogger(__name__)
+
+TRANSFER_LOSSES = ChoiceEnum(["output_mse", "attention_ce"])
+TEACHER_PROJECTIONS = ChoiceEnum(["checkpoint", "student"])
+METRIC_PREFIX = "at_"
+_FORWARD_SIGNATURE = inspect.signature(LinearMultiheadAttention.forward)
+_PROJECTION_KEY = re.compile(r"\.(q_proj|k_proj|v_proj|out_proj|in_proj)[._]")
+
+
+@dataclass
+class AttentionTransferConfig(LabelSmoothedCrossEntropyCriterionConfig):
+    transfer_loss: TRANSFER_LOSSES = field(  # type: ignore[valid-type]
+        default="output_mse",
+        metadata={
+            "help": "per-layer transfer loss: output_mse (MSE between the linear and softmax attention outputs, "
+            "O(L) memory) or attention_ce (cross-entropy between softmax and normalised linear attention "
+            "weights, as Hedgehog; materialises T x S weights, for short sequences; logged as KL)"
+        },
+    )
+    transfer_weight: float = field(
+        default=1.0, metadata={"help": "weight w of the transfer loss after the transfer-only stage (0: task only)"}
+    )
+    transfer_weight_end: Optional[float] = field(
+        default=None,
+        metadata={"help": "anneal w linearly to this value over --transfer-anneal-updates (default: keep w)"},
+    )
+    transfer_anneal_updates: int = field(
+        default=0, metadata={"help": "length of the linear anneal of w, counted from the end of the transfer-only stage"}
+    )
+    transfer_only_updates: int = field(
+        default=0,
+        metadata={
+            "help": "first N updates: transfer loss only, and only the feature maps get gradients (Hedgehog/LoLCATs "
+            "stage 1). With several GPUs and --ddp-backend pytorch_ddp add --find-unused-parameters"
+        },
+    )
+    transfer_teacher: Optional[str] = field(
+        default=None,
+        metadata={"help": "softmax checkpoint to take the teacher attention from (default: --finetune-from-model)"},
+    )
+    transfer_teacher_projections: TEACHER_PROJECTIONS = field(  # type: ignore[valid-type]
+        default="checkpoint",
+        metadata={
+            "help": "checkpoint: frozen q/k/v/out projections of the teacher checkpoint (4 matrices per layer); "
+            "student: softmax through the student's current projections (no checkpoint, no memory; identical "
+            "while the projections are not trained, e.g. in the transfer-only stage)"
+        },
+    )
+    finetune_from_model: Optional[str] = II("checkpoint.finetune_from_model")
+
+
+def metric_name(module_name: str) -> str:
+    """``decoder.layers.3.encoder_attn`` -> ``at_dec3_cross``: short keys for progress lines and tensorboard."""
+    m = re.fullmatch(r"(?:.*\.)?(encoder|decoder)\.layers\.(\d+)\.(self_attn|encoder_attn)", module_name)
+    if m is None:
+        return METRIC_PREFIX + module_name.replace(".", "_")
+    side = "enc" if m.group(1) == "encoder" else "dec"
+    return f"{METRIC_PREFIX}{side}{m.group(2)}_{'self' if m.group(3) == 'self_attn' else 'cross'}"
+
+
+def read_teacher_projections(path: str) -> Dict[str, Tensor]:
+    """The attention projections (``*.{q,k,v,out}_proj.*``, legacy ``in_proj_*``) of a softmax checkpoint.
+
+    Refuses a T2R checkpoint: transfer from a model that already has linear
+    attention would teach the student its own approximation.
+    """
+    from fairseq import checkpoint_utils
+
+    state = checkpoint_utils.load_checkpoint_to_cpu(path)["model"]
+    if any(NEW_TENSOR_PATTERN.search(k) for k in state):
+        raise TeacherLoadError(
+            f"teacher checkpoint {path} is a T2R checkpoint (it has feature-map tensors); attention transfer "
+            "needs the softmax checkpoint the swap came from: pass it with --transfer-teacher PATH"
+        )
+    return {k: v for k, v in state.items() if _PROJECTION_KEY.search(k)}
+
+
+def _unwrapped_name(name: str) -> str:
+    """Strip the ``module.`` prefixes that distributed / FSDP wrappers add."""
+    while name.startswith("module."):
+        name = name[len("module."):]
+    return name.replace("._fsdp_wrapped_module", "").replace("._checkpoint_wrapped_module", "")
+
+
+@register_criterion("t2r_attention_transfer", dataclass=AttentionTransferConfig)
+class AttentionTransferCriterion(LabelSmoothedCrossEntropyCriterion):
+    """Label-smoothed cross-entropy plus per-layer attention transfer from the frozen softmax teacher."""
+
+    def __init__(
+        self,
+        task: Any,
+        sentence_avg: bool,
+        label_smoothing: float,
+        ignore_prefix_size: int = 0,
+        report_accuracy: bool = False,
+        transfer_loss: str = "output_mse",
+        transfer_weight: float = 1.0,
+        transfer_weight_end: Optional[float] = None,
+        transfer_anneal_updates: int = 0,
+        transfer_only_updates: int = 0,
+        transfer_teacher: Optional[str] = None,
+        transfer_teacher_projections: str = "checkpoint",
+        finetune_from_model: Optional[str] = None,
+    ) -> None:
+        super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
+        for name, value in [("transfer_only_updates", transfer_only_updates), ("transfer_anneal_updates", transfer_anneal_updates)]:
+            if value < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+        self.transfer_loss = str(transfer_loss)
+        self.transfer_weight = transfer_weight
+        self.transfer_weight_end = transfer_weight if transfer_weight_end is None else transfer_weight_end
+        self.transfer_anneal_updates = transfer_anneal_updates
+        self.transfer_only_updates = transfer_only_updates
+        self.teacher_path = transfer_teacher or finetune_from_model
+        self.teacher_projections = str(transfer_teacher_projections)
+        # Read and check the teacher now, before fairseq starts training (an error inside a training
+        # step would leave a crash.pt behind). Only its attention projections are kept. A missing file
+        # is reported when training needs it, so fairseq-validate on a finetuned model never needs it.
+        self._teacher_state: Optional[Dict[str, Tensor]] = None
+        if self.teacher_projections == "checkpoint" and self.teacher_path and os.path.exists(self.teacher_path):
+            self._teacher_state = read_teacher_projections(self.teacher_path)
+        # Per-layer teachers; plain attributes, not submodules, so the criterion keeps no state to save or wrap.
+        self._teachers: Dict[str, SoftmaxAttentionTeacher] = {}
+        self._hooked: set[int] = set()
+        self._records: Optional[Dict[str, Tensor]] = None  # filled by the hooks during one forward
+        self._query_mask: Optional[Tensor] = None
+        self._transfer_only = False
+        self._needs_grad = False
+
+    # -- schedule -----------------------------------------------------------------------------
+
+    def schedule(self, num_updates: int) -> Tuple[bool, float]:
+        """``(transfer_only, w)`` at update ``num_updates``."""
+        if num_updates < self.transfer_only_updates:
+            return True, 1.0
+        if self.transfer_anneal_updates <= 0:
+            return False, self.transfer_weight
+        frac = min(1.0, (num_updates - self.transfer_only_updates) / self.transfer_anneal_updates)
+        return False, self.transfer_weight + frac * (self.transfer_weight_end - self.transfer_weight)
+
+    # -- teacher and hooks --------------------------------------------------------------------
+
+    def _swapped_attentions(self, model: nn.Module) -> List[Tuple[str, LinearMultiheadAttention]]:
+        found = [(_unwrapped_name(n), m) for n, m in model.named_modules() if isinstance(m, LinearMultiheadAttention)]
+        if not found:
+            raise ValueError(
+                "--criterion t2r_attention_transfer needs a T2R model (t2r_transformer / t2r_transformer_lm): "
+                "this model has no linear attention to transfer to"
+            )
+        return found
+
+    def _load_teachers(self, attentions: List[Tuple[str, LinearMultiheadAttention]]) -> None:
+        if self.teacher_projections == "student":
+            self._teachers = {name: SoftmaxAttentionTeacher.from_student(m) for name, m in attentions}
+            return
+        if not self.teacher_path:
+            raise TeacherLoadError(
+                "--criterion t2r_attention_transfer needs the softmax teacher checkpoint: pass "
+                "--finetune-from-model PATH (the swap) or --transfer-teacher PATH, or use "
+                "--transfer-teacher-projections student"
+            )
+        if self._teacher_state is None:
+            self._teacher_state = read_teacher_projections(self.teacher_path)  # names the path if missing
+        state, self._teacher_state = self._teacher_state, None
+        for name, m in attentions:  # legacy packed in_proj_* -> q/k/v, as the swap does
+            m.upgrade_state_dict_named(state, name)
+        self._teachers = {name: SoftmaxAttentionTeacher.from_state_dict(state, name, m) for name, m in attentions}
+        logger.info(
+            f"attention transfer: {self.transfer_loss} on {len(attentions)} layers, teacher projections from "
+            f"{self.teacher_path}"
+        )
+
+    def _prepare(self, model: nn.Module) -> List[Tuple[str, LinearMultiheadAttention]]:
+        attentions = self._swapped_attentions(model)
+        if not self._teachers:
+            self._load_teachers(attentions)
+        for name, m in attentions:
+            if id(m) not in self._hooked:
+                m.register_forward_hook(self._make_hook(name), with_kwargs=True)
+                self._hooked.add(id(m))
+        return attentions
+
+    def _make_hook(self, name: str):
+        def hook(module: LinearMultiheadAttention, args: tuple, kwargs: dict, output: Any) -> None:
+            if self._records is None:  # not inside this criterion's forward (e.g. generation)
+                return
+            call = _FORWARD_SIGNATURE.bind(module, *args, **kwargs).arguments
+            if call.get("incremental_state") is not None:
+                return
+            with torch.enable_grad() if self._needs_grad else torch.no_grad():
+                self._records[name] = self.layer_loss(module, self._teachers[name], call)
+
+        return hook
+
+    def layer_loss(self, module: LinearMultiheadAttention, teacher: SoftmaxAttentionTeacher, call: Dict[str, Any]) -> Tensor:
+        """Transfer loss of one layer from the inputs of its forward call (detached: a layer-local loss)."""
+        query = call["query"].detach()
+        key = query if call.get("key") is None else call["key"].detach()
+        value = key if call.get("value") is None else call["value"].detach()
+        kpm = call.get("key_padding_mask")
+        kpm = kpm.to(torch.bool) if kpm is not None else None
+        if module.encoder_decoder_attention or module.causal:  # decoder: queries are target positions
+            qmask = self._query_mask if self._query_mask is not None and self._query_mask.shape == query.shape[1::-1] else None
+        else:  # bidirectional encoder self-attention: queries are the (padded) source positions
+            qmask = ~kpm if kpm is not None else None
+
+        with torch.no_grad() if self._transfer_only else nullcontext():
+            q, k, v = module.project(query, key, value)
+        phi_q = module.feature_map(q, is_query=True)
+        phi_k = module.feature_map(k, is_query=False)
+        if self.transfer_loss == "attention_ce":
+            student = linear_attention_weights(phi_q, phi_k, kpm, causal=module.causal, eps=module.options.eps)
+            return attention_kl(teacher.weights(query, key, kpm, causal=module.causal), student, qmask)
+        mixed = module.mix(phi_q, phi_k, v, kpm)  # [B, H, T, d]
+        B, H, T, d = mixed.shape
+        mixed = mixed.permute(0, 2, 1, 3).reshape(B, T, H * d)
+        w, b = module.out_proj.weight, module.out_proj.bias
+        if self._transfer_only:
+            w, b = w.detach(), (b.detach() if b is not None else None)
+        student_out = F.linear(mixed, w, b)
+        target = teacher.output(query, key, value, kpm, causal=module.causal).transpose(0, 1)
+        return output_mse(student_out, target, qmask)
+
+    # -- fairseq criterion API ----------------------------------------------------------------
+
+    def forward(self, model: nn.Module, sample: Dict[str, Any], reduce: bool = True) -> Tuple[Tensor, int, Dict[str, Any]]:
+        if not reduce:
+            raise ValueError("t2r_attention_transfer only computes reduced losses (reduce=True)")
+        training = model.training
+        transfer = training or bool(self._teachers)  # validation reports transfer only inside a training run
+        attentions = self._prepare(model) if transfer else []
+        num_updates = next((m.num_updates for m in model.modules() if isinstance(m, T2RTransformerDecoder)), 0)
+        transfer_only, weight = self.schedule(int(num_updates)) if training else (False, 0.0)
+        self._transfer_only = transfer_only
+        self._needs_grad = training and (transfer_only or weight != 0.0)  # w = 0: log the transfer loss only
+        self._query_mask = sample["target"].ne(self.padding_idx)
+        self._records = {} if transfer else None
+        try:
+            with torch.no_grad() if transfer_only else nullcontext():
+                net_output = model(**sample["net_input"])
+                task_loss, nll_loss = self.compute_loss(model, net_output, sample, reduce=True)
+            records = self._records or {}
+        finally:
+            self._records, self._query_mask, self._transfer_only, self._needs_grad = None, None, False, False
+
+        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
+        logging_output: Dict[str, Any] = {
+            "loss": task_loss.data,
+            "nll_loss": nll_loss.data,
+            "ntokens": sample["ntokens"],
+            "nsentences": sample["target"].size(0),
+            "sample_size": sample_size,
+        }
+        loss = task_loss
+        if records:
+            if len(records) != len(attentions):
+                missing = sorted(set(n for n, _ in attentions) - set(records))
+                raise RuntimeError(f"attention transfer: no forward call was captured for {missing}")
+            transfer_mean = torch.stack(list(records.values())).mean()
+            # Per-token means scaled by sample_size: fairseq divides gradients by the summed sample size,
+            # so w weighs the transfer loss against the per-token task loss, whatever the batch size.
+            if transfer_only:
+                loss = transfer_mean * sample_size
+            elif training and weight != 0.0:
+                loss = task_loss + weight * transfer_mean * sample_size
+            logging_output["loss"] = loss.data
+            logging_output["transfer"] = transfer_mean.data * sample_size
+            for name, value in records.items():
+                logging_output[metric_name(name)] = value.data * sample_size
+        if self.report_accuracy:
+            n_correct, total = self.compute_accuracy(model, net_output, sample)
+            logging_output["n_correct"] = n_correct.data
+            logging_output["total"] = total.data
+        return loss, sample_size, logging_output
+
+    @classmethod
+    def reduce_metrics(cls, logging_outputs: List[Dict[str, Any]]) -> None:
+        super().reduce_metrics(logging_outputs)
+        sample_size = sum(log.get("sample_size", 0) for log in logging_outputs)
+        keys = sorted({k for log in logging_outputs for k in log if k == "transfer" or k.startswith(METRIC_PREFIX)})
+        for key in keys:
+            total = sum(log.get(key, 0) for log in logging_outputs)
+            metrics.log_scalar(key, float(total) / max(sample_size, 1), sample_size, round=5)
