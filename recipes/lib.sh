@@ -29,7 +29,7 @@ T2R_CONFIGS=$T2R_ROOT/recipes/configs
 T2R_USER_DIR=$T2R_ROOT/t2r_fairseq
 
 t2r_die() { echo "${RECIPE:-recipe}: error: $*" >&2; exit 2; }
-t2r_say() { echo "=== [${RECIPE:-recipe}] $*" >&2; }
+t2r_say() { echo "=== [${RECIPE:-recipe}] $(date -u +%T) $*" >&2; }
 
 # Print one command, shell-quoted only where needed, so the line can be pasted into a shell as is.
 t2r_quote() {
@@ -317,11 +317,16 @@ t2r_mt_prep() {
     prep+=(--spm-vocab "$SPM_VOCAB")
     dicts=()   # Chinese and English keep separate vocabularies (only decoder in/out embeddings are tied)
   fi
-  t2r_run "${prep[@]}"
+  local more=()
+  t2r_split more "${PREP_ARGS:-}"
+  t2r_run "${prep[@]}" "${more[@]}"
   t2r_need "$DATA/DONE" "data-prep/$DATA_PREP did not finish"
   t2r_run_to "$WORK/logs/preprocess.log" "$FAIRSEQ_BIN/fairseq-preprocess" --source-lang "$SRC" --target-lang "$TGT" \
     --trainpref "$DATA/train" --validpref "$DATA/valid" --testpref "$DATA/test" \
     --destdir "$BIN" "${dicts[@]}" --workers "${PREP_WORKERS:-8}"
+  # With a public teacher's dictionary, words it does not know become <unk>: show how many (a high rate means
+  # the segmentation differs from the one the checkpoint was trained on).
+  [[ $DRY_RUN == 1 ]] || grep -h "replaced by <unk>" "$WORK/logs/preprocess.log" | sed "s/^/[$RECIPE] /" >&2 || true
   t2r_mark prep
 }
 

@@ -12,7 +12,9 @@
 # (Multi30k), --lm-splits train=valid,valid=test,test=test (WikiText-2 without its train split).
 # Finished stages are skipped (delete or --force to redo); everything lands under --out (default runs/quickstart).
 # Budgets: QS_TEACHER_UPDATES, QS_FINETUNE_UPDATES. Compared models: QS_MODELS (default "t2r elu t2r_scratch";
-# also available: rfa, performer, hedgehog (swap-finetune with that map), t2r_scratch_long (from scratch, teacher budget)).
+# also available: rfa, performer, hedgehog (swap-finetune with that map), t2r_scratch_long (from scratch, teacher budget),
+# <map>_at_mse / <map>_at_ce (e.g. t2r_at_mse, hedgehog_at_ce: attention transfer with that loss for QS_TRANSFER_UPDATES
+# (default a third of the finetune budget), then the task loss + QS_TRANSFER_WEIGHT (default 0) x transfer; same total updates)).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=runs/quickstart LM_DATA="" MT_DATA="" SRC=en TGT=xx STAGES=data,teacher,finetune,eval,speed,report FORCE=0 TINY=0
@@ -23,7 +25,7 @@ while [[ $# -gt 0 ]]; do
     --src) SRC=$2; shift 2;; --tgt) TGT=$2; shift 2;; --stages) STAGES=$2; shift 2;;
     --lm-splits) LM_SPLITS=$2; shift 2;; --mt-splits) MT_SPLITS=$2; shift 2;;
     --force) FORCE=1; shift;; --tiny) TINY=1; shift;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0;;
     *) echo "quickstart: unknown option $1 (see --help)" >&2; exit 2;;
   esac
 done
@@ -44,6 +46,7 @@ else
   DIM=128 FFN=512 LAYERS=3 HEADS=4 FEAT=32 SPEED_LENGTHS=64,256,1024,2048 MAXTOK=4096
 fi
 MODELS=${QS_MODELS:-t2r elu t2r_scratch}
+TRANSFER_UPDATES=${QS_TRANSFER_UPDATES:-$((FINETUNE_UPDATES / 3))} TRANSFER_WEIGHT=${QS_TRANSFER_WEIGHT:-0}
 COMMON=(--optimizer adam --adam-betas "(0.9,0.98)" --lr 1e-3 --lr-scheduler inverse_sqrt --warmup-updates 50
         --clip-norm 1.0 --max-tokens $MAXTOK --cpu --seed 1 --log-format simple --log-interval 25
         --no-epoch-checkpoints --num-workers 0 --user-dir "$ROOT/t2r_fairseq")
@@ -101,6 +104,12 @@ if has_stage finetune; then
         t2r_scratch_long) train "$name" "$kind" "$TEACHER_UPDATES" $t2r_arch --feature-map t2r --feature-size $FEAT;;
         t2r|elu|rfa|performer|hedgehog)
           train "$name" "$kind" "$FINETUNE_UPDATES" $t2r_arch --feature-map "$name" --feature-size $FEAT --finetune-from-model "$teacher";;
+        *_at_mse|*_at_ce)  # <map>_at_<loss>: attention transfer, then task finetuning, same total updates
+          loss=output_mse; [[ $name == *_ce ]] && loss=attention_ce
+          smoothing=0; [[ $kind == mt ]] && smoothing=0.1
+          train "$name" "$kind" "$FINETUNE_UPDATES" $t2r_arch --feature-map "${name%_at_*}" --feature-size $FEAT \
+            --finetune-from-model "$teacher" --criterion t2r_attention_transfer --transfer-loss $loss \
+            --label-smoothing $smoothing --transfer-only-updates "$TRANSFER_UPDATES" --transfer-weight "$TRANSFER_WEIGHT";;
         *) echo "quickstart: unknown model '$name' in QS_MODELS" >&2; exit 2;;
       esac
     done

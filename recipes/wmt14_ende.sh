@@ -25,6 +25,7 @@
 #   UPDATE_FREQ [config x 8 / world size]   FEATURE_SIZE [32]   CROSS_FEATURE_SIZE [= FEATURE_SIZE]
 #   BPE_TOKENS [32000] (TEACHER=train)  BEAM [4]  LENPEN [0.6]  EVAL_MODELS ["teacher t2r"]
 #   EVAL_CHECKPOINT [checkpoint_best.pt]  EVAL_MAX_TOKENS [8000]  PREP_WORKERS [8]
+#   PREP_ARGS   extra data-prep options, e.g. "--icml17" (EN-DE: News Commentary v9, i.e. the WMT14 release)
 #   TRAIN_OVERRIDES / TEACHER_OVERRIDES / FINETUNE_OVERRIDES   extra hydra overrides, e.g. "model.dropout=0.1"
 #   T2R_DATA_MIRROR, T2R_DATA_CHECKSUMS   read by data-prep/download.py (local mirror, checksum table)
 # Slurm: recipes/slurm/wmt14_ende.sbatch. Where each default comes from: recipes/configs/wmt14_ende_*.yaml.

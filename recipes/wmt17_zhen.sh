@@ -22,6 +22,7 @@
 #   UPDATE_FREQ [config x 8 / world size]   FEATURE_SIZE [32]   CROSS_FEATURE_SIZE [= FEATURE_SIZE]
 #   SPM_VOCAB [32000]  BEAM [5]  LENPEN [1.0]  EVAL_MODELS ["teacher t2r"]
 #   EVAL_CHECKPOINT [checkpoint_best.pt]  EVAL_MAX_TOKENS [8000]  PREP_WORKERS [8]
+#   PREP_ARGS   extra options for data-prep/wmt17_zhen.sh (see its --help)
 #   TRAIN_OVERRIDES / TEACHER_OVERRIDES / FINETUNE_OVERRIDES   extra hydra overrides, e.g. "model.dropout=0.1"
 #   T2R_DATA_MIRROR, T2R_DATA_CHECKSUMS   read by data-prep/download.py (local mirror, checksum table)
 # Slurm: recipes/slurm/wmt17_zhen.sbatch. Where each default comes from: recipes/configs/wmt17_zhen_*.yaml.
