@@ -1,0 +1,428 @@
+"""The paper recipes (recipes/*.sh, recipes/configs, recipes/slurm) through their real entry points.
+
+* dry runs: each recipe prints the exact commands (hydra config names and overrides, generate/eval-lm
+  settings, launchers) and creates nothing; env overrides and bad input;
+* the hydra configs: parse, and the architectures match the public teachers they must load;
+* the scorer's compound-split / detokenised / reference-file modes;
+* every recipe end to end on the tiny upstream-layout fixture (tests/fixtures/make_fixtures.py) served as
+  T2R_DATA_MIRROR, with tiny model overrides, ending in BLEU / perplexity lines; the public-checkpoint path
+  with a fake "public" archive packed from a tiny teacher; re-runs that skip finished stages and resume
+  training from checkpoint_last.pt;
+* a 2-process CPU (gloo) distributed finetune through the recipe's own launcher path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+RECIPES = ["wikitext103_lm", "wmt14_ende", "wmt14_enfr", "wmt17_zhen"]
+MT_TINY = ("model.encoder_layers=2 model.decoder_layers=2 model.encoder_embed_dim=32 model.decoder_embed_dim=32 "
+           "model.encoder_ffn_embed_dim=64 model.decoder_ffn_embed_dim=64 model.encoder_attention_heads=4 "
+           "model.decoder_attention_heads=4 common.log_interval=10 dataset.num_workers=0 "
+           "lr_scheduler.warmup_updates=10 checkpoint.save_interval_updates=0 dataset.required_batch_size_multiple=1")
+LM_TINY = ("model.decoder_embed_dim=32 model.decoder_input_dim=32 model.decoder_output_dim=32 "
+           "model.decoder_ffn_embed_dim=64 model.decoder_attention_heads=4 model.adaptive_input_cutoff='20,40' "
+           "model.adaptive_softmax_cutoff='20,40' common.log_interval=10 dataset.num_workers=0 "
+           "checkpoint.save_interval_updates=0 dataset.required_batch_size_multiple=1")
+BLEU_LINE = r"sacreBLEU = [\d.]+ \(30 sentences\) signature: nrefs:1\|case:mixed\|eff:no\|tok:13a\|smooth:exp\|version:\S+ \[{} {}\]"
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "T2R_DATA_"))}
+    for k in ("WORK", "STAGES", "FORCE", "DRY_RUN", "TEACHER", "TEACHER_CKPT", "NUM_GPUS", "NUM_NODES", "LAUNCHER",
+              "CPU", "CPU_PROCS", "UPDATE_FREQ", "MAX_UPDATE", "FEATURE_SIZE", "MASTER_PORT", "RANK", "WORLD_SIZE"):
+        env.pop(k, None)
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", FAIRSEQ_BIN=str(BIN))
+    env.update(extra)
+    return env
+
+
+def recipe(name: str, *args: str, ok: bool = True, timeout: int = 900, **env: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["bash", str(REPO / "recipes" / f"{name}.sh"), *args], capture_output=True, text=True,
+                          env=_env(**env), timeout=timeout, cwd=REPO)
+    if ok and proc.returncode != 0:
+        raise AssertionError(f"{name} {args} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+# ---- dry runs -------------------------------------------------------------------------------------------------
+
+
+def _dry(name: str, tmp_path: Path, *args: str, **env: str) -> list[str]:
+    out = tmp_path / "work"
+    proc = recipe(name, "--dry-run", "--out", str(out), *args, **env)
+    assert not out.exists(), "a dry run created the work dir"
+    lines = proc.stdout.splitlines()
+    assert lines, proc.stderr
+    first = {"bash", "mkdir", "tar", "rm"}
+    for line in lines:  # one complete command per line, nothing else on stdout
+        tool = line.split()[0]
+        assert tool in first or Path(tool).name in {"python", "torchrun"} or Path(tool).name.startswith("fairseq-"), line
+    return lines
+
+
+def _one(lines: list[str], *needles: str) -> str:
+    hits = [l for l in lines if all(n in l for n in needles)]
+    assert len(hits) == 1, (needles, lines)
+    return hits[0]
+
+
+def test_dry_run_wmt14_ende_public_teacher(tmp_path):
+    lines = _dry("wmt14_ende", tmp_path)
+    work = tmp_path / "work"
+    public = f"{work}/teacher/public/wmt16.en-de.joined-dict.transformer"
+    _one(lines, "data-prep/download.py", "--url https://dl.fbaipublicfiles.com/fairseq/models/wmt16.en-de.joined-dict.transformer.tar.bz2")
+    _one(lines, "data-prep/wmt14_ende.sh", f"--bpe-codes {public}/bpecodes")
+    _one(lines, "fairseq-preprocess", f"--srcdict {public}/dict.en.txt --tgtdict {public}/dict.de.txt")
+    ft = _one(lines, "fairseq-hydra-train", f"--config-dir {REPO}/recipes/configs --config-name wmt14_ende_finetune")
+    for part in [f"common.user_dir={REPO}/t2r_fairseq", f"checkpoint.finetune_from_model={public}/model.pt",
+                 "model.feature_size=32", "optimization.max_update=30000", "dataset.max_tokens=3584",
+                 "'optimization.update_freq=[1]'", "distributed_training.distributed_world_size=8",
+                 f"| tee -a {work}/logs/finetune.log"]:
+        assert part in ft, (part, ft)
+    assert not any("--config-name wmt14_ende_teacher" in l for l in lines)  # the public teacher is not retrained
+    gen = _one(lines, "fairseq-generate", "checkpoints/t2r/checkpoint_best.pt")
+    assert "--beam 4 --lenpen 0.6" in gen and "--remove-bpe" in gen and "--required-batch-size-multiple 1" in gen
+    _one(lines, "sacrebleu_from_generate", "t2r.generate.txt", f"--ref {work}/data/ref/test.de", "--detok-lang de")
+    _one(lines, "sacrebleu_from_generate", "t2r.generate.txt", "--compound-split")
+    _one(lines, "fairseq-generate", f"--path {public}/model.pt")  # the teacher is scored too
+
+
+def test_dry_run_wmt14_ende_train_teacher_and_env_overrides(tmp_path):
+    lines = _dry("wmt14_ende", tmp_path, TEACHER="train", NUM_GPUS="4", MAX_UPDATE="123", FEATURE_SIZE="16",
+                 CROSS_FEATURE_SIZE="4", BPE_TOKENS="500", BEAM="5", LENPEN="1.0")
+    work = tmp_path / "work"
+    assert not any("download.py" in l for l in lines)
+    _one(lines, "data-prep/wmt14_ende.sh", "--bpe-tokens 500")
+    _one(lines, "fairseq-preprocess", "--joined-dictionary")
+    teacher = _one(lines, "--config-name wmt14_ende_teacher")
+    assert "optimization.max_update=300000" in teacher and "'optimization.update_freq=[2]'" in teacher  # 8x1 GPU-batches on 4 GPUs
+    ft = _one(lines, "--config-name wmt14_ende_finetune")
+    for part in [f"checkpoint.finetune_from_model={work}/checkpoints/teacher/checkpoint_best.pt", "model.feature_size=16",
+                 "model.cross_feature_size=4", "optimization.max_update=123", "distributed_training.distributed_world_size=4"]:
+        assert part in ft, (part, ft)
+    assert "--beam 5 --lenpen 1.0" in _one(lines, "fairseq-generate", "t2r/checkpoint_best.pt")
+
+
+def test_dry_run_wmt14_enfr(tmp_path):
+    lines = _dry("wmt14_enfr", tmp_path)
+    public = f"{tmp_path}/work/teacher/public/wmt14.en-fr.joined-dict.transformer"
+    _one(lines, "download.py", "https://dl.fbaipublicfiles.com/fairseq/models/wmt14.en-fr.joined-dict.transformer.tar.bz2")
+    _one(lines, "fairseq-preprocess", f"--srcdict {public}/dict.en.txt --tgtdict {public}/dict.fr.txt")
+    _one(lines, "--config-name wmt14_enfr_finetune", f"checkpoint.finetune_from_model={public}/model.pt")
+    _one(lines, "fairseq-generate", "t2r/checkpoint_best.pt", "--beam 4 --lenpen 0.6")
+    _one(lines, "sacrebleu_from_generate", "t2r.generate.txt", "--detok-lang fr")
+    _one(lines, "sacrebleu_from_generate", "t2r.generate.txt", "--tokenised")
+    assert not any("--compound-split" in l for l in lines)
+
+
+def test_dry_run_wmt17_zhen(tmp_path):
+    lines = _dry("wmt17_zhen", tmp_path)
+    _one(lines, "data-prep/wmt17_zhen.sh", "--spm-vocab 32000")
+    _one(lines, "--config-name wmt17_zhen_teacher", "optimization.max_update=300000")
+    _one(lines, "--config-name wmt17_zhen_finetune", "checkpoints/teacher/checkpoint_best.pt")
+    gen = _one(lines, "fairseq-generate", "t2r/checkpoint_best.pt")
+    assert "--beam 5 --lenpen 1.0" in gen and "--post-process sentencepiece" in gen
+    score = _one(lines, "sacrebleu_from_generate", "t2r.generate.txt")
+    assert "--ref" in score and "test.en" in score and "--tokenize 13a" in score and "--detok-lang" not in score
+    proc = recipe("wmt17_zhen", "--dry-run", "--out", str(tmp_path / "w"), ok=False, TEACHER="download")
+    assert proc.returncode == 2 and "no public WMT17 ZH-EN checkpoint" in proc.stderr
+
+
+def test_dry_run_wikitext103_lm(tmp_path):
+    lines = _dry("wikitext103_lm", tmp_path)
+    public = f"{tmp_path}/work/teacher/public/adaptive_lm_wiki103.v2"
+    _one(lines, "download.py", "https://dl.fbaipublicfiles.com/fairseq/models/lm/adaptive_lm_wiki103.v2.tar.bz2")
+    _one(lines, "fairseq-preprocess", "--only-source", f"--srcdict {public}/dict.txt")
+    ft = _one(lines, "--config-name wikitext103_lm_finetune")
+    for part in [f"checkpoint.finetune_from_model={public}/model.pt", "task.tokens_per_sample=512", "model.decoder_layers=16",
+                 "optimization.max_update=50000", "lr_scheduler.lr_period_updates=46000", "'optimization.update_freq=[3]'"]:
+        assert part in ft, (part, ft)
+    t2r = [l for l in lines if "fairseq-eval-lm" in l and "t2r/checkpoint_best.pt" in l]
+    assert len(t2r) == 2 and all("--tokens-per-sample 512 --context-window 480" in l for l in t2r)
+    assert {re.search(r"--gen-subset (\w+)", l).group(1) for l in t2r} == {"valid", "test"}
+    teacher = _one(lines, "fairseq-eval-lm", f"--path {public}/model.pt", "--gen-subset test")
+    assert "--tokens-per-sample 3072 --context-window 2560" in teacher
+
+
+def test_dry_run_launchers(tmp_path):
+    multi = _dry("wikitext103_lm", tmp_path, "--stages", "finetune", NUM_NODES="2", NODE_RANK="1",
+                 MASTER_ADDR="node0", MASTER_PORT="12345")
+    assert len(multi) == 1 and multi[0].startswith(f"{BIN}/torchrun --nnodes 2 --nproc_per_node 8 --node_rank 1 "
+                                                   f"--master_addr node0 --master_port 12345 {BIN}/fairseq-hydra-train ")
+    assert "distributed_world_size=16" in multi[0] and "'optimization.update_freq=[2]'" in multi[0]  # 3x8/16 rounded up
+    cpu = _dry("wmt14_ende", tmp_path, "--stages", "finetune", CPU="1", CPU_PROCS="2")
+    assert cpu[0].startswith(f"{BIN}/torchrun --nnodes 1 --nproc_per_node 2 ")
+    for part in ["distributed_training.distributed_backend=gloo", "distributed_training.distributed_init_method=env://",
+                 "distributed_training.distributed_no_spawn=true", "distributed_training.distributed_rank=-1",
+                 "distributed_training.ddp_backend=legacy_ddp", "common.cpu=true", "common.fp16=false"]:
+        assert part in cpu[0], part
+    srun = _dry("wmt14_ende", tmp_path, "--stages", "finetune", LAUNCHER="srun", NUM_NODES="2", MASTER_PORT="23456")
+    assert srun[0].startswith(f"{BIN}/fairseq-hydra-train ") and "distributed_training.distributed_port=23456" in srun[0]
+
+
+def test_dry_run_sbatch_templates(tmp_path):
+    for name in RECIPES:
+        work = tmp_path / name
+        proc = subprocess.run(["bash", str(REPO / "recipes" / "slurm" / f"{name}.sbatch")], capture_output=True, text=True,
+                              env=_env(DRY_RUN="1", WORK=str(work), SLURM_NNODES="2", SLURM_NTASKS_PER_NODE="4"),
+                              cwd=REPO, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.splitlines()
+        assert not work.exists()
+        sruns = [l for l in lines if l.startswith("srun ")]
+        assert [l.split("--stages ")[1] for l in sruns] == ["teacher", "finetune"]
+        assert all("--nodes 2 --ntasks-per-node 4" in l and "LAUNCHER=srun" in l for l in sruns)
+        ft = _one(lines, "fairseq-hydra-train", f"--config-name {name}_finetune")
+        assert "distributed_world_size=8" in ft and "distributed_training.distributed_port=" in ft
+        assert any("--stages eval" in l for l in lines)
+
+
+def test_stage_markers_skip_and_force(tmp_path):
+    work = tmp_path / "work"
+    (work / ".done").mkdir(parents=True)
+    (work / ".done" / "prep").touch()
+    proc = recipe("wmt17_zhen", "--dry-run", "--out", str(work), "--stages", "prep,teacher")
+    assert "prep: done" in proc.stderr and "data-prep" not in proc.stdout and "wmt17_zhen_teacher" in proc.stdout
+    forced = recipe("wmt17_zhen", "--dry-run", "--out", str(work), "--stages", "prep", "--force")
+    assert f"rm -rf {work}/data {work}/data-bin" in forced.stdout and "data-prep/wmt17_zhen.sh" in forced.stdout
+    assert (work / ".done" / "prep").exists()  # a dry run deletes nothing either
+
+
+@pytest.mark.parametrize("args,env,message", [
+    (["--bogus"], {}, "unknown option '--bogus'"),
+    (["--stages", "prep,train"], {}, "unknown stage 'train' in --stages; valid: prep,teacher,finetune,eval"),
+    ([], {"TEACHER": "hub"}, "TEACHER must be 'download' or 'train'"),
+    ([], {"NUM_GPUS": "eight"}, "NUM_GPUS must be a non-negative integer"),
+    ([], {"LAUNCHER": "mpirun"}, "LAUNCHER must be auto, spawn, torchrun or srun"),
+])
+def test_bad_input_one_clear_message(tmp_path, args, env, message):
+    proc = recipe("wmt14_ende", "--dry-run", "--out", str(tmp_path / "w"), *args, ok=False, **env)
+    assert proc.returncode == 2 and message in proc.stderr and not proc.stdout, proc.stderr
+    assert len([l for l in proc.stderr.splitlines() if "error" in l]) == 1
+
+
+def test_help_documents_the_environment():
+    for name in RECIPES:
+        out = recipe(name, "--help").stdout
+        for word in ["--dry-run", "--stages", "NUM_GPUS", "MAX_UPDATE", "FEATURE_SIZE", "TRAIN_OVERRIDES", "T2R_DATA_MIRROR",
+                     f"recipes/slurm/{name}.sbatch"]:
+            assert word in out, (name, word)
+
+
+# ---- configs and scorer -----------------------------------------------------------------------------------------
+
+
+def test_configs_parse_and_match_the_teachers():
+    from omegaconf import OmegaConf
+
+    import t2r_fairseq  # noqa: F401  (registers the t2r archs)
+    from fairseq.models import ARCH_MODEL_REGISTRY
+    from fairseq.models.transformer_lm import transformer_lm_baevski_wiki103
+    from argparse import Namespace
+
+    cfgs = {p.stem: OmegaConf.load(p) for p in sorted((REPO / "recipes" / "configs").glob("*.yaml"))}
+    assert set(cfgs) == {f"{r}_{k}" for r in RECIPES for k in ("teacher", "finetune")}
+    for name, cfg in cfgs.items():
+        assert OmegaConf.is_missing(cfg.common, "user_dir") and OmegaConf.is_missing(cfg.task, "data"), name
+        assert cfg.model._name in ARCH_MODEL_REGISTRY, name
+        text = (REPO / "recipes" / "configs" / f"{name}.yaml").read_text()
+        assert "Sources:" in text and "our choice" in text, name
+        if name.endswith("_finetune"):
+            teacher = cfgs[name.replace("_finetune", "_teacher")]
+            assert OmegaConf.is_missing(cfg.checkpoint, "finetune_from_model")
+            sizes = {k: v for k, v in teacher.model.items() if k != "_name"}
+            assert {k: cfg.model[k] for k in sizes} == sizes, name  # same shapes as the teacher: the swap loads it
+            assert cfg.model._name in {"t2r_" + teacher.model._name, "t2r_transformer_lm"}, name
+    # The LM configs spell out fairseq's transformer_lm_wiki103 preset (hydra does not apply presets to
+    # dataclass models), so the public adaptive_lm_wiki103.v2 checkpoint loads into the T2R model.
+    preset = Namespace()
+    transformer_lm_baevski_wiki103(preset)
+    for key, value in cfgs["wikitext103_lm_finetune"].model.items():
+        if hasattr(preset, key) and key not in {"decoder_layerdrop"}:
+            assert getattr(preset, key) == value, key
+
+
+def test_scorer_modes(tmp_path):
+    from t2r_fairseq.tools.sacrebleu_from_generate import compound_split, main, moses_detokenize
+
+    assert compound_split("ein weit-bekannt Haus a @-@ b") == "ein weit ##AT##-##AT## bekannt Haus a @ ##AT##-##AT## @ b"
+    assert moses_detokenize(["Das ist &quot; gut &quot; , weit @-@ bekannt ."], "de") == ['Das ist "gut", weit-bekannt.']
+    log = tmp_path / "gen.txt"
+    log.write_text("S-1\tx\nT-1\tdas ist weit @-@ bekannt .\nH-1\t-0.1\tdas ist weit @-@ bekannt .\n"
+                   "D-1\t-0.1\tdas ist weit @-@ bekannt .\nT-0\tein Haus .\nD-0\t-0.2\tein Haus .\n")
+    ref = tmp_path / "ref.de"
+    ref.write_text("ein Haus.\ndas ist weit-bekannt.\n")
+    for args, expected in [(["--ref", str(ref), "--detok-lang", "de"], "sacreBLEU = 100.00 (2 sentences)"),
+                           (["--compound-split"], "compound-split BLEU = 100.00 (2 sentences"),
+                           (["--tokenised", "--label", "x y"], "tokenised BLEU = 100.00")]:
+        proc = subprocess.run([sys.executable, "-m", "t2r_fairseq.tools.sacrebleu_from_generate", str(log), *args],
+                              capture_output=True, text=True, cwd=REPO)
+        assert proc.returncode == 0 and expected in proc.stdout, (args, proc.stdout, proc.stderr)
+    ref.write_text("ein Haus.\ndas ist weit-bekannt.\nein drittes.\n")
+    with pytest.raises(SystemExit, match=r"2 hypotheses but the reference file has 3 lines \(missing ids: \[2\]"):
+        main([str(log), "--ref", str(ref)])
+
+
+# ---- end to end on the upstream-layout fixture ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mirror(tmp_path_factory) -> Path:
+    sys.path.insert(0, str(REPO / "tests" / "fixtures"))
+    from make_fixtures import make_fixtures
+
+    root = tmp_path_factory.mktemp("mirror")
+    make_fixtures(root)
+    return root
+
+
+def _mirror_env(mirror: Path, **extra: str) -> dict[str, str]:
+    env = dict(T2R_DATA_MIRROR=f"file://{mirror}", T2R_DATA_CHECKSUMS=str(mirror / "SHA256SUMS"), CPU="1",
+               PREP_WORKERS="1", MASTER_PORT=_free_port())
+    env.update(extra)
+    return env
+
+
+def _mt_env(mirror: Path, **extra: str) -> dict[str, str]:
+    env = dict(TEACHER="train", BPE_TOKENS="200", SPM_VOCAB="200", TEACHER_MAX_UPDATE="30", MAX_UPDATE="15",
+               MAX_TOKENS="1024", FEATURE_SIZE="8", TRAIN_OVERRIDES=MT_TINY)
+    env.update(extra)
+    return _mirror_env(mirror, **env)
+
+
+@pytest.fixture(scope="module")
+def ende(mirror, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    work = tmp_path_factory.mktemp("ende")
+    return work, recipe("wmt14_ende", "--out", str(work), **_mt_env(mirror))
+
+
+def test_wmt14_ende_end_to_end_and_rerun_skips(ende, mirror):
+    work, proc = ende
+    for name in ("teacher", "t2r"):
+        assert re.search(BLEU_LINE.format("wmt14_ende", name), proc.stdout), proc.stdout[-3000:]
+        assert re.search(rf"compound-split BLEU = [\d.]+ \(30 sentences; .*tok:none.*\) \[wmt14_ende {name}\]", proc.stdout)
+    assert "T2R swap: reused" in (work / "logs" / "finetune.log").read_text()
+    assert sorted(p.name for p in (work / ".done").iterdir()) == ["eval", "finetune", "prep", "teacher"]
+    again = recipe("wmt14_ende", "--out", str(work), **_mt_env(mirror))
+    assert again.stderr.count("done (marker") == 4 and "fairseq" not in again.stdout
+
+
+def _pack_public_archive(dest: Path, name: str, files: dict[str, Path]) -> None:
+    """A stand-in for a fairseq model archive: NAME.tar.bz2 holding NAME/{model.pt,dict*.txt,bpecodes}."""
+    with tarfile.open(dest / f"{name}.tar.bz2", "w:bz2") as tar:
+        for member, src in files.items():
+            tar.add(src, arcname=f"{name}/{member}")
+
+
+def test_wmt14_ende_public_checkpoint_path(ende, mirror, tmp_path):
+    """TEACHER=download: the archive's BPE codes segment the data, its dictionaries binarise it, its model.pt is
+    the teacher; served through the mirror like every other download."""
+    trained, _ = ende
+    served = tmp_path / "mirror"
+    served.mkdir()
+    for f in mirror.iterdir():
+        (served / f.name).symlink_to(f)
+    name = "wmt16.en-de.joined-dict.transformer"
+    _pack_public_archive(served, name, {"model.pt": trained / "checkpoints/teacher/checkpoint_best.pt",
+                                        "dict.en.txt": trained / "data-bin/dict.en.txt",
+                                        "dict.de.txt": trained / "data-bin/dict.de.txt",
+                                        "bpecodes": trained / "data/code"})
+    work = tmp_path / "work"
+    proc = recipe("wmt14_ende", "--out", str(work), **_mt_env(served, TEACHER="download"))
+    for model in ("teacher", "t2r"):
+        assert re.search(BLEU_LINE.format("wmt14_ende", model), proc.stdout), proc.stdout[-3000:]
+    public = work / "teacher/public" / name
+    assert (work / "data-bin/dict.en.txt").read_text() == (public / "dict.en.txt").read_text()
+    assert (work / "data/code").read_text() == (public / "bpecodes").read_text()
+    assert not (work / "checkpoints/teacher").exists()  # nothing retrained
+    assert f"checkpoint.finetune_from_model={public}/model.pt" in proc.stderr
+    assert "T2R swap: reused" in (work / "logs/finetune.log").read_text()
+
+
+def test_wmt14_enfr_end_to_end(mirror, tmp_path):
+    proc = recipe("wmt14_enfr", "--out", str(tmp_path), **_mt_env(mirror, EVAL_MODELS="t2r"))
+    assert re.search(BLEU_LINE.format("wmt14_enfr", "t2r"), proc.stdout), proc.stdout[-3000:]
+    assert re.search(r"tokenised BLEU = [\d.]+ \(30 sentences; .*\) \[wmt14_enfr t2r\]", proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def zhen(mirror, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    work = tmp_path_factory.mktemp("zhen")
+    return work, recipe("wmt17_zhen", "--out", str(work), **_mt_env(mirror, EVAL_MODELS="t2r"))
+
+
+def test_wmt17_zhen_end_to_end(zhen):
+    work, proc = zhen
+    assert re.search(BLEU_LINE.format("wmt17_zhen", "t2r"), proc.stdout), proc.stdout[-3000:]
+    assert (work / "data/spm.model").exists()
+
+
+def test_two_process_cpu_distributed_finetune(zhen, tmp_path):
+    """CPU_PROCS=2: torchrun starts two gloo workers of fairseq-hydra-train; rank 0 loads the teacher and
+    broadcasts it (the swap) to rank 1; both train on their shard of each batch."""
+    trained, _ = zhen
+    work = tmp_path / "work"
+    (work / ".done").mkdir(parents=True)
+    (work / "data-bin").symlink_to(trained / "data-bin")
+    (work / ".done" / "prep").touch()
+    proc = recipe("wmt17_zhen", "--out", str(work), "--stages", "finetune", CPU="1", CPU_PROCS="2",
+                  MASTER_PORT=_free_port(), TEACHER_CKPT=str(trained / "checkpoints/teacher/checkpoint_best.pt"),
+                  MAX_UPDATE="6", MAX_TOKENS="1024", FEATURE_SIZE="8", TRAIN_OVERRIDES=MT_TINY)
+    log = (work / "logs" / "finetune.log").read_text()
+    assert len(re.findall(r"distributed init \(rank -1\): env://", log)) == 2, log[-3000:]
+    assert "training on 2 devices" in log and "T2R swap: reused" in log
+    assert re.search(r"\| train \| .*num_updates 6 ", log) or "num_updates 6" in log
+    assert "done training" in log and (work / "checkpoints/t2r/checkpoint_last.pt").exists()
+    assert f"torchrun --nnodes 1 --nproc_per_node 2" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def lm(mirror, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    work = tmp_path_factory.mktemp("lm")
+    env = _mirror_env(mirror, TEACHER="train", LAYERS="2", TOKENS_PER_SAMPLE="64", EVAL_TOKENS_PER_SAMPLE="64",
+                      EVAL_CONTEXT_WINDOW="32", TEACHER_MAX_UPDATE="20", MAX_UPDATE="10", WARMUP_UPDATES="2",
+                      MAX_TOKENS="1024", FEATURE_SIZE="8", EVAL_SUBSETS="test", TRAIN_OVERRIDES=LM_TINY,
+                      TEACHER_OVERRIDES="lr_scheduler.warmup_updates=5")
+    return work, recipe("wikitext103_lm", "--out", str(work), **env)
+
+
+def test_wikitext103_lm_end_to_end(lm):
+    work, proc = lm
+    for name in ("teacher", "t2r"):
+        assert re.search(rf"^wikitext103_lm {name} test: Perplexity: [\d.]+ \(tokens per sample 64, context window 32\)$",
+                         proc.stdout, flags=re.M), proc.stdout[-3000:]
+    assert "--context-window 32" in (work / "eval/t2r.test.eval-lm.txt").read_text() or "context_window': 32" in (
+        work / "eval/t2r.test.eval-lm.txt").read_text()
+
+
+def test_interrupted_finetune_resumes_from_checkpoint_last(lm, mirror):
+    """No marker (as after a crash or a time-out): the stage re-issues the same command and fairseq continues
+    from checkpoint_last.pt instead of swapping the teacher in again."""
+    work, _ = lm
+    (work / ".done" / "finetune").unlink()
+    log = work / "logs" / "finetune.log"
+    before = len(log.read_text())
+    env = _mirror_env(mirror, TEACHER="train", LAYERS="2", TOKENS_PER_SAMPLE="64", MAX_UPDATE="14",
+                      WARMUP_UPDATES="2", MAX_TOKENS="1024", FEATURE_SIZE="8", TRAIN_OVERRIDES=LM_TINY)
+    recipe("wikitext103_lm", "--out", str(work), "--stages", "finetune", **env)
+    new = log.read_text()[before:]
+    assert "T2R swap:" not in new and re.search(r"loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 10 updates\)", new, flags=re.I), new[-3000:]
+    assert "num_updates 14" in new and (work / ".done" / "finetune").exists()
