@@ -13,7 +13,8 @@ from helpers import REPO
 
 
 def _run(out: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+               QS_MODELS="t2r elu t2r_scratch hedgehog_at_ce")  # the defaults plus an attention-transfer run
     proc = subprocess.run(["bash", str(REPO / "recipes" / "quickstart.sh"), "--tiny", "--out", str(out)],
                           capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -26,11 +27,12 @@ def test_quickstart_tiny(tmp_path):
     assert "T2R swap: reused" in first.stdout  # progress output is visible
     res = json.loads((out / "results" / "results.json").read_text())
     rows = {r["model"]: r for r in res["rows"]}
-    assert set(rows) == {"teacher", "t2r", "elu", "t2r_scratch"}
+    assert set(rows) == {"teacher", "t2r", "elu", "t2r_scratch", "hedgehog_at_ce"}
     for r in rows.values():
         assert math.isfinite(r["lm_test_ppl"]) and r["lm_test_ppl"] > 1
         assert math.isfinite(r["mt_test_bleu"]) and 0 <= r["mt_test_bleu"] <= 100
-    assert rows["t2r"]["lm_updates"] == rows["t2r_scratch"]["lm_updates"]
+    assert rows["t2r"]["lm_updates"] == rows["t2r_scratch"]["lm_updates"] == rows["hedgehog_at_ce"]["lm_updates"]
+    assert "at_dec0_cross" in (out / "train" / "hedgehog_at_ce.mt.log").read_text()
     assert res["sacrebleu_signature"].startswith("nrefs:1")
     for name in ("speed_lm_b1", "speed_lm_b16"):
         speed = res["speed"][name]

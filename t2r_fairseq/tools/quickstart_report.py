@@ -22,6 +22,10 @@ ROWS = [
     ("rfa", "RFA + pretrain"),
     ("performer", "Performer + pretrain"),
     ("hedgehog", "Hedgehog + pretrain"),
+    ("t2r_at_mse", "T2R + pretrain, attention transfer (output MSE), then task"),
+    ("t2r_at_ce", "T2R + pretrain, attention transfer (attention CE), then task"),
+    ("hedgehog_at_ce", "Hedgehog + pretrain, attention transfer (attention CE), then task"),
+    ("hedgehog_at_mse", "Hedgehog + pretrain, attention transfer (output MSE), then task"),
     ("t2r_scratch", "T2R random init, same updates"),
     ("t2r_scratch_long", "T2R random init, teacher's updates"),
 ]
