@@ -260,7 +260,7 @@ def test_configs_parse_and_match_the_teachers():
             assert getattr(preset, key) == value, key
 
 
-def test_scorer_modes(tmp_path):
+def test_scorer_modes(tmp_path, capsys):
     from t2r_fairseq.tools.sacrebleu_from_generate import compound_split, main, moses_detokenize
 
     assert compound_split("ein weit-bekannt Haus a @-@ b") == "ein weit ##AT##-##AT## bekannt Haus a @ ##AT##-##AT## @ b"
@@ -270,12 +270,14 @@ def test_scorer_modes(tmp_path):
                    "D-1\t-0.1\tdas ist weit @-@ bekannt .\nT-0\tein Haus .\nD-0\t-0.2\tein Haus .\n")
     ref = tmp_path / "ref.de"
     ref.write_text("ein Haus.\ndas ist weit-bekannt.\n")
-    for args, expected in [(["--ref", str(ref), "--detok-lang", "de"], "sacreBLEU = 100.00 (2 sentences)"),
+    for args, expected in [([], "sacreBLEU = 100.00 (2 sentences) signature: nrefs:1|case:mixed|eff:no|tok:13a"),
+                           (["--ref", str(ref), "--detok-lang", "de"], "sacreBLEU = 100.00 (2 sentences)"),
                            (["--compound-split"], "compound-split BLEU = 100.00 (2 sentences"),
                            (["--tokenised", "--label", "x y"], "tokenised BLEU = 100.00")]:
-        proc = subprocess.run([sys.executable, "-m", "t2r_fairseq.tools.sacrebleu_from_generate", str(log), *args],
-                              capture_output=True, text=True, cwd=REPO)
-        assert proc.returncode == 0 and expected in proc.stdout, (args, proc.stdout, proc.stderr)
+        main([str(log), *args])
+        out = capsys.readouterr().out
+        assert expected in out, (args, out)
+    assert out.rstrip().endswith("[x y]")
     ref.write_text("ein Haus.\ndas ist weit-bekannt.\nein drittes.\n")
     with pytest.raises(SystemExit, match=r"2 hypotheses but the reference file has 3 lines \(missing ids: \[2\]"):
         main([str(log), "--ref", str(ref)])
