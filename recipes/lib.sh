@@ -364,7 +364,9 @@ t2r_mt_finetune() {
 # reference (signature printed) and, with COMPOUND_SPLIT=1, the tokenised compound-split BLEU.
 # --required-batch-size-multiple 1: fairseq 0.12's batch_by_size drops a last batch whose size is not a
 # multiple of it (default 8), silently leaving up to 7 test sentences untranslated (fairseq issue #5036);
-# the scorer also refuses output that does not cover every reference line.
+# --distributed-world-size 1: its default is the number of visible GPUs, and fairseq-generate then translates
+# only shard 0 of the test set (1/8 on an 8-GPU node). The scorer refuses output that does not cover every
+# reference line, which catches both.
 t2r_mt_eval() {
   t2r_stage eval "$WORK/eval" || return 0
   local name ckpt cpu=() post
@@ -380,7 +382,8 @@ t2r_mt_eval() {
     local gen=$WORK/eval/$name.generate.txt
     t2r_run_to "$gen" "$FAIRSEQ_BIN/fairseq-generate" "$BIN" --user-dir "$T2R_USER_DIR" --path "$ckpt" \
       --source-lang "$SRC" --target-lang "$TGT" --gen-subset test --beam "$BEAM" --lenpen "$LENPEN" \
-      --max-tokens "${EVAL_MAX_TOKENS:-8000}" --required-batch-size-multiple 1 "${post[@]}" "${cpu[@]}"
+      --max-tokens "${EVAL_MAX_TOKENS:-8000}" --required-batch-size-multiple 1 --distributed-world-size 1 \
+      "${post[@]}" "${cpu[@]}"
     local score=(-m t2r_fairseq.tools.sacrebleu_from_generate "$gen" --ref "$DATA/ref/test.$TGT"
                  --tokenize "${SACREBLEU_TOKENIZE:-13a}" --label "$RECIPE $name")
     [[ $SEGMENT == bpe ]] && score+=(--detok-lang "$TGT")

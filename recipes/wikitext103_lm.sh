@@ -113,7 +113,9 @@ if t2r_stage finetune "$T2R_DIR" "$WORK/logs/finetune.log"; then
 fi
 
 # --required-batch-size-multiple 1: fairseq 0.12 drops a last batch smaller than the multiple (default 8),
-# which would leave blocks of the evaluated split unscored (fairseq issue #5036).
+# which would leave blocks of the evaluated split unscored (fairseq issue #5036). --distributed-world-size 1:
+# its default is the number of visible GPUs, and eval-lm would then spawn one worker per GPU, each scoring
+# only its shard, and report the perplexity of shard 0.
 if t2r_is_rank0 && t2r_stage eval "$WORK/eval"; then
   cpu=()
   [[ $CPU == 1 ]] && cpu=(--cpu)
@@ -128,7 +130,8 @@ if t2r_is_rank0 && t2r_stage eval "$WORK/eval"; then
       log=$WORK/eval/$name.$subset.eval-lm.txt
       t2r_run_to "$log" "$FAIRSEQ_BIN/fairseq-eval-lm" "$BIN" --user-dir "$T2R_USER_DIR" --path "$ckpt" \
         --gen-subset "$subset" --tokens-per-sample "$tps" --context-window "$ctx" \
-        --max-tokens "${EVAL_MAX_TOKENS:-3072}" --softmax-batch 1024 --required-batch-size-multiple 1 "${cpu[@]}"
+        --max-tokens "${EVAL_MAX_TOKENS:-3072}" --softmax-batch 1024 --required-batch-size-multiple 1 \
+        --distributed-world-size 1 "${cpu[@]}"
       if [[ $DRY_RUN == 0 ]]; then
         ppl=$(grep -o "Perplexity: [0-9.]*" "$log" | tail -n 1) || t2r_die "no perplexity in $log"
         echo "$RECIPE $name $subset: $ppl (tokens per sample $tps, context window $ctx)" | tee -a "$WORK/eval/perplexity.txt"

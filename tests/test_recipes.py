@@ -100,6 +100,7 @@ def test_dry_run_wmt14_ende_public_teacher(tmp_path):
     assert not any("--config-name wmt14_ende_teacher" in l for l in lines)  # the public teacher is not retrained
     gen = _one(lines, "fairseq-generate", "checkpoints/t2r/checkpoint_best.pt")
     assert "--beam 4 --lenpen 0.6" in gen and "--remove-bpe" in gen and "--required-batch-size-multiple 1" in gen
+    assert "--distributed-world-size 1" in gen  # else fairseq-generate translates 1/#GPUs of the test set
     _one(lines, "sacrebleu_from_generate", "t2r.generate.txt", f"--ref {work}/data/ref/test.de", "--detok-lang de")
     _one(lines, "sacrebleu_from_generate", "t2r.generate.txt", "--compound-split")
     _one(lines, "fairseq-generate", f"--path {public}/model.pt")  # the teacher is scored too
@@ -157,6 +158,7 @@ def test_dry_run_wikitext103_lm(tmp_path):
         assert part in ft, (part, ft)
     t2r = [l for l in lines if "fairseq-eval-lm" in l and "t2r/checkpoint_best.pt" in l]
     assert len(t2r) == 2 and all("--tokens-per-sample 512 --context-window 480" in l for l in t2r)
+    assert all("--distributed-world-size 1" in l and "--required-batch-size-multiple 1" in l for l in t2r)
     assert {re.search(r"--gen-subset (\w+)", l).group(1) for l in t2r} == {"valid", "test"}
     teacher = _one(lines, "fairseq-eval-lm", f"--path {public}/model.pt", "--gen-subset test")
     assert "--tokens-per-sample 3072 --context-window 2560" in teacher
