@@ -117,9 +117,9 @@ t2r_parse_args() {
 
 t2r_has_stage() { [[ ",$STAGES," == *",$1,"* ]]; }
 
-# Rank 0 of a multi-task Slurm step (or not under Slurm at all): the process that writes markers and runs
-# the single-process stages.
-t2r_is_rank0() { [[ ${SLURM_PROCID:-0} == 0 ]]; }
+# Rank 0 of a multi-task Slurm step and node 0 of a multi-node torchrun (or a plain single-node run): the
+# process that writes markers and runs the single-process stages (prep, eval).
+t2r_is_rank0() { [[ ${SLURM_PROCID:-0} == 0 && ${NODE_RANK:-0} == 0 ]]; }
 
 # t2r_stage NAME OUTPUT...: should stage NAME run? Skips (returns 1) when its marker exists, unless --force,
 # which first deletes the marker and the listed outputs.
