@@ -417,6 +417,31 @@ def test_wikitext103_lm_end_to_end(lm):
         work / "eval/t2r.test.eval-lm.txt").read_text()
 
 
+def test_wikitext103_lm_public_checkpoint_path(lm, mirror, tmp_path):
+    """TEACHER=download (the default): adaptive_lm_wiki103.v2.tar.bz2 -> its dict.txt binarises the corpus and
+    its model.pt (adaptive input/softmax) is swapped into the T2R model."""
+    trained, _ = lm
+    served = tmp_path / "mirror"
+    served.mkdir()
+    for f in mirror.iterdir():
+        (served / f.name).symlink_to(f)
+    name = "adaptive_lm_wiki103.v2"
+    _pack_public_archive(served, name, {"model.pt": trained / "checkpoints/teacher/checkpoint_best.pt",
+                                        "dict.txt": trained / "data-bin/dict.txt"})
+    work = tmp_path / "work"
+    env = _mirror_env(served, LAYERS="2", TOKENS_PER_SAMPLE="64", EVAL_TOKENS_PER_SAMPLE="64", EVAL_CONTEXT_WINDOW="32",
+                      TEACHER_EVAL_TOKENS_PER_SAMPLE="64", TEACHER_EVAL_CONTEXT_WINDOW="48", MAX_UPDATE="6",
+                      WARMUP_UPDATES="2", MAX_TOKENS="1024", FEATURE_SIZE="8", EVAL_SUBSETS="valid",
+                      TRAIN_OVERRIDES=LM_TINY)
+    proc = recipe("wikitext103_lm", "--out", str(work), **env)
+    assert re.search(r"^wikitext103_lm teacher valid: Perplexity: [\d.]+ \(tokens per sample 64, context window 48\)$",
+                     proc.stdout, flags=re.M), proc.stdout[-3000:]
+    assert re.search(r"^wikitext103_lm t2r valid: Perplexity: [\d.]+", proc.stdout, flags=re.M)
+    assert (work / "data-bin/dict.txt").read_text() == (trained / "data-bin/dict.txt").read_text()
+    assert not (work / "checkpoints/teacher").exists()
+    assert "T2R swap: reused" in (work / "logs/finetune.log").read_text()
+
+
 def test_interrupted_finetune_resumes_from_checkpoint_last(lm, mirror):
     """No marker (as after a crash or a time-out): the stage re-issues the same command and fairseq continues
     from checkpoint_last.pt instead of swapping the teacher in again."""
