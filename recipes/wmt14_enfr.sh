@@ -18,6 +18,7 @@
 #          --dry-run (env DRY_RUN=1: print the exact commands, one per line, run nothing), -h/--help.
 # Environment (defaults in brackets):
 #   TEACHER [download] | train        TEACHER_CKPT   use this softmax checkpoint instead
+#   TEACHER_URL [fairseq's archive]  TEACHER_SHA256  verify the archive (we know of no published checksum)
 #   NUM_GPUS [8]  NUM_NODES [1]  NODE_RANK [0]  MASTER_ADDR [localhost]  MASTER_PORT [29500]
 #   LAUNCHER [auto] | spawn | torchrun | srun     CPU [0]  CPU_PROCS [1]  (CPU=1: gloo, for smoke tests)
 #   MAX_UPDATE [30000] finetune updates   TEACHER_MAX_UPDATE [300000]   MAX_TOKENS [3584] per GPU
