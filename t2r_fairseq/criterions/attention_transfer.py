@@ -92,7 +92,7 @@ class AttentionTransferConfig(LabelSmoothedCrossEntropyCriterionConfig):
         default=0,
         metadata={
             "help": "first N updates: transfer loss only, and only the feature maps get gradients (Hedgehog/LoLCATs "
-            "stage 1). With several GPUs and --ddp-backend pytorch_ddp add --find-unused-parameters"
+            "stage 1). With several processes use --ddp-backend legacy_ddp"
         },
     )
     transfer_teacher: Optional[str] = field(
@@ -234,6 +234,14 @@ class AttentionTransferCriterion(LabelSmoothedCrossEntropyCriterion):
     def _prepare(self, model: nn.Module) -> List[Tuple[str, LinearMultiheadAttention]]:
         attentions = self._swapped_attentions(model)
         if not self._teachers:
+            if self.transfer_only_updates and any(
+                isinstance(m, nn.parallel.DistributedDataParallel) for m in model.modules()
+            ):
+                raise ValueError(
+                    "--transfer-only-updates runs the model forward without autograd, which torch's "
+                    "DistributedDataParallel cannot synchronise: use --ddp-backend legacy_ddp (fairseq's "
+                    "all-reduce after backward) for this run"
+                )
             self._load_teachers(attentions)
         for name, m in attentions:
             if id(m) not in self._hooked:
