@@ -131,3 +131,14 @@ def test_chunkwise_never_builds_l_by_l() -> None:
     assert max(sizes) < L * L // 16
     out.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("name", ["t2r", "rfa", "performer", "hedgehog"])
+def test_feature_map_same_in_decode_and_sequence_layouts(name: str) -> None:
+    """Batched single steps take the heads-as-batch bmm layout, sequences the broadcast matmul: same values."""
+    torch.manual_seed(0)
+    fm = build_feature_map(name, 4, 16, 8)
+    x = torch.randn(5, 4, 12, 16)
+    whole = fm(x, is_query=True)
+    steps = torch.cat([fm(x[:, :, t : t + 1], is_query=True) for t in range(12)], dim=2)
+    assert torch.allclose(whole, steps, atol=1e-6)

@@ -199,8 +199,9 @@ def linear_attention_step(
         kf = kf.masked_fill(key_padding_mask.view(-1, 1, 1).to(torch.bool), 0.0)
     vf = v.float()
     if state is None:
-        S = kf.unsqueeze(-1) * vf.unsqueeze(-2)
-        z = kf
+        # Contiguous from the first step on, so later steps update it in the bmm layout without copies.
+        S = (kf.unsqueeze(-1) * vf.unsqueeze(-2)).contiguous()
+        z = kf.contiguous()
     else:
         S = torch.baddbmm(
             state.S.flatten(0, 1), kf.flatten(0, 1).unsqueeze(-1), vf.flatten(0, 1).unsqueeze(-2)
