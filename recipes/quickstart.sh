@@ -123,13 +123,14 @@ if has_stage eval; then
     if ! done_or_force "$OUT/eval/$name.lm.log" || ! grep -q Perplexity "$OUT/eval/$name.lm.log"; then
       say "eval-lm $name"
       fairseq-eval-lm "$OUT/data-bin/lm" --user-dir "$ROOT/t2r_fairseq" --path "$ck.lm/checkpoint_last.pt" --cpu \
-        --tokens-per-sample 128 --max-tokens 4096 --gen-subset test > "$OUT/eval/$name.lm.log" 2>&1
+        --tokens-per-sample 128 --max-tokens 4096 --required-batch-size-multiple 1 --gen-subset test > "$OUT/eval/$name.lm.log" 2>&1
       grep Perplexity "$OUT/eval/$name.lm.log"
     fi
     if ! done_or_force "$OUT/eval/$name.mt.log" || ! grep -q "sacreBLEU = " "$OUT/eval/$name.mt.log"; then
       say "generate $name (beam 4, sacreBLEU on detokenised sentencepiece output)"
       fairseq-generate "$OUT/data-bin/mt" --user-dir "$ROOT/t2r_fairseq" --path "$ck.mt/checkpoint_last.pt" --cpu \
-        --beam 4 --max-tokens 4096 --gen-subset test --post-process sentencepiece --scoring sacrebleu > "$OUT/eval/$name.mt.log" 2>&1
+        --beam 4 --max-tokens 4096 --required-batch-size-multiple 1 --gen-subset test --post-process sentencepiece \
+        --scoring sacrebleu > "$OUT/eval/$name.mt.log" 2>&1
       python -m t2r_fairseq.tools.sacrebleu_from_generate "$OUT/eval/$name.mt.log" | tee -a "$OUT/eval/$name.mt.log"
     fi
   done
