@@ -20,6 +20,7 @@ from t2r_fairseq.criterions.attention_transfer import AttentionTransferCriterion
 from t2r_fairseq.modules.feature_maps import FeatureMap
 from t2r_fairseq.modules.linear_multihead_attention import LinearAttentionOptions, LinearMultiheadAttention
 from t2r_fairseq.modules.softmax_teacher import SoftmaxAttentionTeacher
+from t2r_fairseq.tools.attention_gap import attention_gap
 
 C, H = 32, 4
 
@@ -182,6 +183,13 @@ def test_lm_transfer_stage_then_task_finetune(work, tmp_path):
     assert all(torch.equal(stage1[k], v) for k, v in teacher_state.items())
     assert any(not torch.equal(final["model"][k], v) for k, v in teacher_state.items())  # stage 2: task loss
     assert set(final["model"]) == set(stage1) and not final.get("criterion")  # no teacher tensors saved
+
+    # The gap tool re-measures, in eval mode, what the last validation logged.
+    gap = attention_gap(str(work / "bin-lm"), str(save / "checkpoint_last.pt"), str(teacher), cpu=True)
+    last_valid = [l for l in log.splitlines() if "valid on 'valid' subset" in l][-1]
+    for key in ("at_dec0_self", "at_dec1_self", "transfer", "ppl"):
+        logged = float(re.search(rf"\| {key} ([\d.]+)", last_valid).group(1))
+        assert gap[key] == pytest.approx(logged, rel=0.05), (key, gap, last_valid)
 
     teacher.unlink()
     ev = run("fairseq-eval-lm", work / "bin-lm", "--user-dir", USER_DIR, "--path", save / "checkpoint_last.pt",

@@ -231,7 +231,8 @@ class AttentionTransferCriterion(LabelSmoothedCrossEntropyCriterion):
             f"{self.teacher_path}"
         )
 
-    def _prepare(self, model: nn.Module) -> List[Tuple[str, LinearMultiheadAttention]]:
+    def attach(self, model: nn.Module) -> List[Tuple[str, LinearMultiheadAttention]]:
+        """Load the per-layer teachers (once) and hook every swapped attention of ``model``; idempotent."""
         attentions = self._swapped_attentions(model)
         if not self._teachers:
             if self.transfer_only_updates and any(
@@ -297,7 +298,7 @@ class AttentionTransferCriterion(LabelSmoothedCrossEntropyCriterion):
             raise ValueError("t2r_attention_transfer only computes reduced losses (reduce=True)")
         training = model.training
         transfer = training or bool(self._teachers)  # validation reports transfer only inside a training run
-        attentions = self._prepare(model) if transfer else []
+        attentions = self.attach(model) if transfer else []
         num_updates = next((m.num_updates for m in model.modules() if isinstance(m, T2RTransformerDecoder)), 0)
         transfer_only, weight = self.schedule(int(num_updates)) if training else (False, 0.0)
         self._transfer_only = transfer_only
