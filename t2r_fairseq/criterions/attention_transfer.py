@@ -20,7 +20,8 @@ one fairseq run:
   evaluated without gradient); after it, ``loss = task + w * transfer`` with
   ``w`` going linearly from ``--transfer-weight`` to ``--transfer-weight-end``
   over ``--transfer-anneal-updates`` (``--transfer-weight 0`` after a transfer
-  stage = "transfer, then task finetuning").
+  stage = "transfer, then task finetuning": training steps then skip the
+  transfer computation, validation still reports it).
 
 Per-layer transfer losses are logged as fairseq metrics (``at_dec0_self``,
 ``at_dec0_cross``, ``at_enc0_self``, ... and their mean ``transfer``), so they
@@ -297,12 +298,14 @@ class AttentionTransferCriterion(LabelSmoothedCrossEntropyCriterion):
         if not reduce:
             raise ValueError("t2r_attention_transfer only computes reduced losses (reduce=True)")
         training = model.training
-        transfer = training or bool(self._teachers)  # validation reports transfer only inside a training run
-        attentions = self.attach(model) if transfer else []
         num_updates = next((m.num_updates for m in model.modules() if isinstance(m, T2RTransformerDecoder)), 0)
         transfer_only, weight = self.schedule(int(num_updates)) if training else (False, 0.0)
+        # Training computes the transfer loss while it is optimised (w = 0 after the transfer stage skips
+        # it: plain task finetuning at full speed); validation inside a training run always reports it.
+        attentions = self.attach(model) if training or self._teachers else []
+        transfer = (transfer_only or weight != 0.0) if training else bool(attentions)
         self._transfer_only = transfer_only
-        self._needs_grad = training and (transfer_only or weight != 0.0)  # w = 0: log the transfer loss only
+        self._needs_grad = training and transfer
         self._query_mask = sample["target"].ne(self.padding_idx)
         self._records = {} if transfer else None
         try:
