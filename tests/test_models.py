@@ -148,6 +148,61 @@ def test_attention_prefill_then_steps_equals_full(feature_map):
     torch.testing.assert_close(torch.cat([first, *rest]), full, atol=1e-5, rtol=1e-5)
 
 
+def _steps(attn, x, enc=None, grad=False):
+    """Outputs of single incremental steps over ``x`` (T x B x C) and the final state."""
+    state: dict = {}
+    outs = []
+    with torch.set_grad_enabled(grad):
+        for t in range(x.size(0)):
+            q = x[t : t + 1]
+            outs.append(attn(q, enc if enc is not None else q, enc if enc is not None else q, incremental_state=state)[0])
+    return torch.cat(outs).detach(), state
+
+
+@pytest.mark.parametrize("feature_map", sorted(FEATURE_MAPS))
+@pytest.mark.parametrize("role", ["self", "cross"])
+def test_fused_generation_projection_equals_unfused(feature_map, role):
+    """Generation folds the feature map's affine prefix into q/k projections (one matmul): same outputs and state."""
+    from t2r_fairseq.modules.linear_multihead_attention import LinearAttentionOptions
+
+    torch.manual_seed(0)
+    opts = LinearAttentionOptions(feature_map=feature_map, feature_size=6)
+    kw = {"self_attention": True, "causal": True} if role == "self" else {"encoder_decoder_attention": True, "kdim": 12, "vdim": 12}
+    attn = LinearMultiheadAttention(16, 4, opts, **kw).eval()
+    for p in attn.parameters():  # non-zero biases everywhere, so the folded bias is exercised too
+        p.data.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(7, 3, 16)
+    enc = torch.randn(5, 3, 12) if role == "cross" else None
+    fused, fused_state = _steps(attn, x, enc)  # no grad, eval: the fused path
+    (_, cached), = attn._fused_cache.values()
+    assert cached.folded == (feature_map in ("t2r", "hedgehog")) and len(cached.sizes) == (3 if role == "self" else 1)
+    plain, plain_state = _steps(attn, x, enc, grad=True)  # autograd on: the parameters' own path
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    for name in ("S", "z"):
+        (buf_f,), (buf_p,) = fused_state.values(), plain_state.values()
+        torch.testing.assert_close(buf_f[name], buf_p[name].detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_fused_projection_follows_parameter_updates():
+    """The folded weights are a cache: an in-place update of any parameter (optimizer step, load) refreshes them."""
+    from t2r_fairseq.modules.linear_multihead_attention import LinearAttentionOptions
+
+    torch.manual_seed(0)
+    attn = LinearMultiheadAttention(16, 4, LinearAttentionOptions(), self_attention=True, causal=True).eval()
+    x = torch.randn(4, 2, 16)
+    before, _ = _steps(attn, x)
+    for p in (attn.feature_map.weight, attn.k_proj.bias):
+        with torch.no_grad():
+            p.mul_(1.5)
+        after, _ = _steps(attn, x)
+        plain, _ = _steps(attn, x, grad=True)
+        torch.testing.assert_close(after, plain, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(after, before)
+        before = after
+    attn.load_state_dict({k: v * 0.5 for k, v in attn.state_dict().items()})
+    torch.testing.assert_close(_steps(attn, x)[0], _steps(attn, x, grad=True)[0], atol=1e-5, rtol=1e-5)
+
+
 def test_cross_attention_weights_when_asked(tmp_path):
     _, task, model = build_mt(tmp_path)
     src, lengths, prev = _mt_batch(task)

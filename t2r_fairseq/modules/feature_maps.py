@@ -63,11 +63,26 @@ class FeatureMap(nn.Module):
     def forward(self, x: Tensor, is_query: bool) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def affine_prefix(self) -> tuple[Tensor, Tensor | None] | None:
+        """``(weight [H, k, d], bias [H, k] | None)`` when the map starts with a per-head affine layer.
+
+        Such a layer composes with the attention's own q/k projection into one
+        matrix, so at generation the projection and the layer become a single
+        matmul (see ``LinearMultiheadAttention``); maps without one return ``None``.
+        A map that returns a prefix must satisfy
+        ``forward(x, q) == activate(per_head_linear(x, *prefix), q)``.
+        """
+        return None
+
+    def activate(self, u: Tensor, is_query: bool) -> Tensor:
+        """The rest of the map after :meth:`affine_prefix` (the whole map when there is none)."""
+        return self(u, is_query)
+
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, head_dim={self.head_dim}, output_dim={self.output_dim}"
 
 
-def _per_head_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def per_head_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``x: [B, H, L, d]``, ``weight: [H, k, d]`` -> ``[B, H, L, k]`` (one Linear per head).
 
     Two layouts, picked by which one copies less. ``matmul`` broadcasting over
@@ -114,7 +129,13 @@ class T2RFeatureMap(FeatureMap):
         _linear_init_(self.weight, self.bias)
 
     def forward(self, x: Tensor, is_query: bool) -> Tensor:
-        return F.relu(_per_head_linear(x, self.weight, self.bias))
+        return self.activate(per_head_linear(x, self.weight, self.bias), is_query)
+
+    def affine_prefix(self) -> tuple[Tensor, Tensor | None]:
+        return self.weight, self.bias
+
+    def activate(self, u: Tensor, is_query: bool) -> Tensor:
+        return F.relu(u)
 
 
 @register_feature_map("elu")
@@ -148,7 +169,7 @@ class RandomFourierFeatureMap(FeatureMap):
 
     def forward(self, x: Tensor, is_query: bool) -> Tensor:
         x = F.normalize(x, dim=-1) * self.inv_sigma.to(x.dtype).view(-1, 1, 1)
-        wx = _per_head_linear(x, self.projection)
+        wx = per_head_linear(x, self.projection)
         return torch.cat([torch.sin(wx), torch.cos(wx)], dim=-1) * self.feature_size**-0.5
 
 
@@ -187,7 +208,7 @@ class PerformerFeatureMap(FeatureMap):
     def forward(self, x: Tensor, is_query: bool) -> Tensor:
         # Queries come scaled by d^-1/2; bring both sides to d^-1/4.
         x = x.float() * (self.head_dim**0.25 if is_query else self.head_dim**-0.25)
-        wx = _per_head_linear(x, self.projection) - 0.5 * x.pow(2).sum(dim=-1, keepdim=True)
+        wx = per_head_linear(x, self.projection) - 0.5 * x.pow(2).sum(dim=-1, keepdim=True)
         if is_query:
             wx = wx - wx.amax(dim=-1, keepdim=True).detach()
         return torch.exp(wx) * self.feature_size**-0.5
@@ -210,5 +231,10 @@ class HedgehogFeatureMap(FeatureMap):
         self.bias = nn.Parameter(torch.zeros(num_heads, feature_size))
 
     def forward(self, x: Tensor, is_query: bool) -> Tensor:
-        u = _per_head_linear(x, self.weight, self.bias)
+        return self.activate(per_head_linear(x, self.weight, self.bias), is_query)
+
+    def affine_prefix(self) -> tuple[Tensor, Tensor | None]:
+        return self.weight, self.bias
+
+    def activate(self, u: Tensor, is_query: bool) -> Tensor:
         return torch.cat([torch.softmax(u, dim=-1), torch.softmax(-u, dim=-1)], dim=-1)

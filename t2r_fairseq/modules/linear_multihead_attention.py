@@ -13,6 +13,17 @@ parameters live under ``feature_map``. Three roles, fixed at construction:
 
 The math lives in :mod:`t2r_fairseq.ops.linear_attention`; this module only
 projects, reshapes and keeps state.
+
+Generation-time fusion: a decode step is bound by reading weights and by the
+number of small kernels, not by arithmetic. In inference (eval mode, no
+autograd) with an incremental state, the q/k/v projections run as one matmul,
+and when the feature map starts with a per-head affine layer (T2R, Hedgehog)
+that layer is folded into the q and k projections: ``W_phi (s W_q x + s b_q)
++ b_phi = (s W_phi W_q) x + (s W_phi b_q + b_phi)``. With ``k < head_dim`` the
+folded matrix is smaller than ``W_q`` itself, so T2R's feature map costs less
+than nothing in the projection. The folded weights are derived from the
+parameters, never stored in checkpoints, and recomputed whenever a parameter
+changes (in-place updates bump its version counter).
 """
 
 from __future__ import annotations
@@ -38,6 +49,16 @@ from t2r_fairseq.ops.linear_attention import (
 )
 
 IncrementalState = Dict[str, Dict[str, Optional[Tensor]]]
+
+
+@dataclass(frozen=True)
+class _FusedProjection:
+    """q(/k/v) projections, with the feature map's affine prefix folded in when ``folded``."""
+
+    weight: Tensor
+    bias: Tensor
+    sizes: list
+    folded: bool
 
 
 @dataclass(frozen=True)
@@ -99,6 +120,7 @@ class LinearMultiheadAttention(nn.Module):
         self.q_proj = quant_noise(nn.Linear(embed_dim, embed_dim, bias=bias), q_noise, qn_block_size)
         self.out_proj = quant_noise(nn.Linear(embed_dim, embed_dim, bias=bias), q_noise, qn_block_size)
         self.feature_map = build_feature_map(options.feature_map, num_heads, self.head_dim, options.feature_size)
+        self._fused_cache: Dict[str, Tuple[tuple, "_FusedProjection"]] = {}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -132,6 +154,60 @@ class LinearMultiheadAttention(nn.Module):
 
     def _phi_k(self, key: Tensor) -> Tensor:
         return self.feature_map(self._heads(self.k_proj(key)), is_query=False)
+
+    # -- generation-time fused projection -----------------------------------
+
+    def _fold(self, proj: nn.Linear, scale: float, fold_map: bool) -> Tuple[Tensor, Tensor]:
+        """``proj`` (times ``scale``) as one ``(weight, bias)``, composed with the map's affine prefix if asked."""
+        weight = proj.weight * scale
+        bias = proj.bias * scale if proj.bias is not None else weight.new_zeros(weight.size(0))
+        prefix = self.feature_map.affine_prefix() if fold_map else None
+        if prefix is None:
+            return weight, bias
+        w_phi, b_phi = prefix  # [H, k, d], [H, k]
+        H, d = self.num_heads, self.head_dim
+        weight = torch.matmul(w_phi, weight.view(H, d, -1)).flatten(0, 1)  # [H*k, C_in]
+        bias = torch.matmul(w_phi, bias.view(H, d, 1)).flatten()
+        if b_phi is not None:
+            bias = bias + b_phi.flatten()
+        return weight, bias
+
+    def _fused_projection(self, role: str) -> "_FusedProjection":
+        """The cached fused projection for ``role`` ('qkv': self-attention step, 'q': cross-attention step)."""
+        tensors = [self.q_proj.weight, self.q_proj.bias, *self.feature_map.parameters(), *self.feature_map.buffers()]
+        if role == "qkv":
+            tensors += [self.k_proj.weight, self.k_proj.bias, self.v_proj.weight, self.v_proj.bias]
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors if t is not None)
+        cached = self._fused_cache.get(role)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        folded = self.feature_map.affine_prefix() is not None
+        with torch.no_grad():
+            parts = [self._fold(self.q_proj, self.scaling, folded)]
+            if role == "qkv":
+                parts += [self._fold(self.k_proj, 1.0, folded), self._fold(self.v_proj, 1.0, False)]
+            fused = _FusedProjection(
+                weight=torch.cat([w for w, _ in parts]).contiguous(),
+                bias=torch.cat([b for _, b in parts]).contiguous(),
+                sizes=[w.size(0) for w, _ in parts],
+                folded=folded,
+            )
+        self._fused_cache[role] = (key, fused)
+        return fused
+
+    def _fused_inputs(self, query: Tensor, role: str) -> list[Tensor]:
+        """Feature-mapped ``phi(q)`` (and ``phi(k)``, ``v`` for 'qkv') from one matmul, head-first."""
+        fused = self._fused_projection(role)
+        parts = torch.nn.functional.linear(query, fused.weight, fused.bias).split(fused.sizes, dim=-1)
+        phi = self.feature_map.activate if fused.folded else self.feature_map
+        out = [phi(self._heads(parts[0]), True)]
+        if role == "qkv":
+            out += [phi(self._heads(parts[1]), False), self._heads(parts[2])]
+        return out
+
+    def _fusable(self, incremental_state: Optional[IncrementalState]) -> bool:
+        """Fuse only where nothing can differentiate through the cached weights: generation."""
+        return incremental_state is not None and not self.training and not torch.is_grad_enabled()
 
     def project(self, query: Tensor, key: Tensor, value: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """Head-first ``q`` (scaled by ``head_dim ** -0.5``), ``k``, ``v`` before the feature map.
@@ -191,9 +267,12 @@ class LinearMultiheadAttention(nn.Module):
         if self.encoder_decoder_attention:
             return self._cross_attention(query, key, key_padding_mask, incremental_state, need_weights, need_head_weights)
 
-        phi_q = self._phi_q(query)
-        phi_k = self._phi_k(query if key is None else key)
-        v = self._heads(self.v_proj(query if value is None else value))
+        if self._fusable(incremental_state) and (key is None or key is query) and (value is None or value is query):
+            phi_q, phi_k, v = self._fused_inputs(query, "qkv")
+        else:
+            phi_q = self._phi_q(query)
+            phi_k = self._phi_k(query if key is None else key)
+            v = self._heads(self.v_proj(query if value is None else value))
         if self.causal and incremental_state is not None:
             out = self._causal_incremental(phi_q, phi_k, v, key_padding_mask, incremental_state)
         else:
@@ -232,7 +311,7 @@ class LinearMultiheadAttention(nn.Module):
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """Read out a source summary that is built once per source and cached across steps."""
         buffer = self._get_input_buffer(incremental_state) if incremental_state is not None else {}
-        phi_q = self._phi_q(query)
+        phi_q = self._fused_inputs(query, "q")[0] if self._fusable(incremental_state) else self._phi_q(query)
         phi_k: Optional[Tensor] = None
         if "S" in buffer:
             state = LinearAttentionState(buffer["S"], buffer["z"])
