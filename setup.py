@@ -35,6 +35,8 @@ setup(
         "test": ["pytest>=7", "tensorboardX>=2.6"],
         "tensorboard": ["tensorboardX>=2.6"],
         "plots": ["matplotlib>=3.7"],
+        # fla's Triton kernels for the chunkwise causal form (CUDA only; --linear-kernel auto|fla).
+        "fla": ["flash-linear-attention"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -5,21 +5,76 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from t2r_fairseq import bench
+from t2r_fairseq.bench.report import generation_ms
 
 
 def test_bench_tiny_writes_tables_json_and_plot(tmp_path):
-    bench.main(["--tiny", "--out", str(tmp_path), "--threads", "1"])
-    res = json.loads((tmp_path / "results.json").read_text())
-    models = {(r["model"], r["batch"], r["context"]) for r in res["decode"]}
-    assert models == {(m, b, c) for m in ("softmax", "t2r", "no_attention") for b in (1, 2) for c in (8, 32)}
+    res = bench.main(["--tiny", "--out", str(tmp_path), "--threads", "1"])
+    assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(res))
+    rows = {(r["task"], r["model"], r["batch"], r["context"]): r for r in res["decode"]}
+    assert set(rows) == {(t, m, b, c) for t in ("lm", "mt") for m in ("softmax", "t2r", "no_attention")
+                         for b in (1, 2) for c in (8, 32)}
     for r in res["decode"]:
-        assert r["median_ms"] > 0 and math.isfinite(r["tokens_per_s"])
-    # The KV cache grows with the context; the T2R state does not.
-    kv = {r["context"]: r["state_bytes"] for r in res["decode"] if r["model"] == "softmax" and r["batch"] == 1}
-    rnn = {r["context"]: r["state_bytes"] for r in res["decode"] if r["model"] == "t2r" and r["batch"] == 1}
-    assert kv[32] == 4 * kv[8] and rnn[32] == rnn[8] > 0
-    assert {r["variant"] for r in res["train"]} >= {"chunkwise", "sdpa_softmax", "naive_quadratic", "chunkwise_c16"}
-    assert all(math.isfinite(v) for v in res["summary"].values()) and "train_chunkwise_speedup_vs_sdpa_L128" in res["summary"]
-    assert "| t2r | 2 | 32 |" in (tmp_path / "results.md").read_text()
+        assert r["median_ms"] > 0 and r["spread_ms"] >= 0 and math.isfinite(r["tokens_per_s"])
+        assert r["peak_mem_mib"] > 0 and r["peak_is_per_row"]  # Linux: each row has its own peak window
+        assert r["source_length"] == (r["context"] if r["task"] == "mt" else 0)
+
+    def state(task, model, batch, ctx):
+        return rows[(task, model, batch, ctx)]["state_bytes"]
+
+    # The KV cache grows with the context (MT: self KV + the source's KV, both 4x); the T2R state does not.
+    layers, dim = 2, 32
+    for task in ("lm", "mt"):
+        assert state(task, "softmax", 1, 32) == 4 * state(task, "softmax", 1, 8)
+        assert state(task, "t2r", 1, 32) == state(task, "t2r", 1, 8) > 0
+        assert state(task, "t2r", 2, 8) == 2 * state(task, "t2r", 1, 8)
+        assert state(task, "no_attention", 1, 32) == 0
+    assert state("lm", "softmax", 1, 8) == layers * 2 * 8 * dim * 4  # K and V, fp32
+    assert state("mt", "softmax", 1, 8) == 2 * state("lm", "softmax", 1, 8)
+    assert state("mt", "t2r", 1, 8) == 2 * state("lm", "t2r", 1, 8)  # self (S, z) + cross (S, z)
+
+    variants = {r["variant"] for r in res["train"]}
+    assert variants >= {"chunkwise", "sdpa_softmax", "naive_quadratic", "chunkwise_c16", "chunkwise_c32"}
+    assert all(r["saved_activation_bytes"] > 0 for r in res["train"] if r["variant"] != "sdpa_softmax")
+    summary = res["summary"]
+    assert all(math.isfinite(v) for v in summary.values())
+    for key in ("lm_b2_t2r_over_attention_free_ctx32", "mt_b1_kv_cache_over_t2r_state_ctx32",
+                "mt_b2_t2r_over_softmax_tokens_per_s_generating_32", "train_chunkwise_speedup_vs_sdpa_L128"):
+        assert key in summary
+    md = (tmp_path / "results.md").read_text()
+    assert "| mt | t2r | 2 | 32 | 32 |" in md and "| chunkwise_c16 | 128 |" in md
     assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+def test_generation_time_integrates_the_step_time_over_the_context():
+    rows = [{"task": "lm", "model": "m", "batch": 1, "context": c, "median_ms": t} for c, t in ((10, 1.0), (30, 3.0))]
+    # 10 tokens at 1 ms, then 20 tokens ramping linearly 1 -> 3 ms: 10 + 40
+    assert generation_ms(rows, "lm", "m", 1, 30) == pytest.approx(50.0)
+    assert generation_ms(rows, "lm", "m", 1, 20) == pytest.approx(10 + 10 * 1.5)
+    assert generation_ms(rows, "lm", "m", 1, 5) == pytest.approx(5.0)
+    assert generation_ms(rows, "lm", "m", 1, 31) is None  # beyond what was measured: no extrapolation
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--device", "cuda"], "sees no CUDA device"),
+        (["--dtype", "bfloat16"], "CPU runs are float32"),
+        (["--contexts", "64,x"], "comma-separated integers"),
+        (["--tasks", "lm,asr"], "lm and/or mt"),
+        (["--dim", "30", "--heads", "4"], "divisible"),
+    ],
+)
+def test_bench_refuses_bad_configuration_before_running(tmp_path, capsys, argv, message):
+    if argv[:2] == ["--device", "cuda"]:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA device is present")
+    with pytest.raises(SystemExit) as err:
+        bench.main(["--tiny", "--out", str(tmp_path / "out"), *argv])
+    assert err.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

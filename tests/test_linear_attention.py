@@ -142,3 +142,51 @@ def test_feature_map_same_in_decode_and_sequence_layouts(name: str) -> None:
     whole = fm(x, is_query=True)
     steps = torch.cat([fm(x[:, :, t : t + 1], is_query=True) for t in range(12)], dim=2)
     assert torch.allclose(whole, steps, atol=1e-6)
+
+
+# -- backends: the pure-torch path everywhere, fla's Triton kernel where CUDA and fla are present ---------------
+
+
+def test_auto_backend_is_the_torch_path_without_fla_or_cuda() -> None:
+    from t2r_fairseq.ops import fla_backend
+
+    q, k, v = _features("t2r", 40)
+    if fla_backend.available(q.device):
+        pytest.skip("fla can run here; the CUDA equivalence test covers auto")
+    mask = _padding("left", 40)
+    auto, auto_state = causal_linear_attention(q, k, v, mask, output_final_state=True, backend="auto")
+    ref, ref_state = causal_linear_attention(q, k, v, mask, output_final_state=True, backend="torch")
+    assert torch.equal(auto, ref) and torch.equal(auto_state.S, ref_state.S) and torch.equal(auto_state.z, ref_state.z)
+
+
+def test_fla_backend_refuses_clearly_where_it_cannot_run() -> None:
+    q, k, v = _features("t2r", 16)
+    with pytest.raises(RuntimeError, match="needs the fla package and CUDA tensors.*backend 'torch'"):
+        causal_linear_attention(q, k, v, backend="fla")
+    with pytest.raises(ValueError, match="unknown linear-attention backend 'triton'; valid: auto, torch, fla"):
+        causal_linear_attention(q, k, v, backend="triton")
+
+
+def _fla_runs() -> bool:
+    from t2r_fairseq.ops import fla_backend
+
+    return torch.cuda.is_available() and fla_backend.available(torch.device("cuda"))
+
+
+@pytest.mark.skipif(not _fla_runs(), reason="needs CUDA and the fla package (pip install -e '.[fla]')")
+@pytest.mark.parametrize("name", ["t2r", "elu", "hedgehog"])
+@pytest.mark.parametrize("padding", ["none", "left"])
+def test_fla_kernel_equals_torch_path_on_cuda(name: str, padding: str) -> None:
+    """Same function through fla's kernel: outputs, final state, initial state carried in, gradients."""
+    q, k, v = (t.cuda() for t in _features(name, 200))
+    mask = _padding(padding, 200)
+    mask = mask.cuda() if mask is not None else None
+    init = causal_linear_attention(q[:, :, :50], k[:, :, :50], v[:, :, :50], output_final_state=True, backend="torch")[1]
+    outs = {}
+    for backend in ("torch", "fla"):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        out, final = causal_linear_attention(qq, kk, vv, mask, initial_state=init, output_final_state=True, backend=backend)
+        out.square().sum().backward()
+        outs[backend] = (out, final.S, final.z, qq.grad, kk.grad, vv.grad)
+    for a, b in zip(outs["fla"], outs["torch"]):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)

@@ -99,6 +99,32 @@ def test_cross_attention_state_is_computed_once(tmp_path, need_attn):
     assert calls["k"] == len(cross)  # once per layer, not once per step
 
 
+@pytest.mark.parametrize("need_attn", [False, True])
+def test_generation_computes_alignments_only_when_asked(tmp_path, need_attn, monkeypatch):
+    """fairseq asks the last layer for weights at every step; T2R's per-step cost stays independent of the
+    source unless alignments were requested (make_generation_fast_(need_attn=True), i.e. --print-alignment)."""
+    from t2r_fairseq.modules import linear_multihead_attention as lma
+
+    _, task, model = build_mt(tmp_path)
+    model.make_generation_fast_(need_attn=need_attn)
+    src, lengths, prev = _mt_batch(task)
+    calls = {"weights": 0}
+    orig = lma.linear_attention_weights
+    monkeypatch.setattr(lma, "linear_attention_weights",
+                        lambda *a, **k: (calls.__setitem__("weights", calls["weights"] + 1), orig(*a, **k))[1])
+    state: dict = {}
+    with torch.no_grad():
+        enc = model.encoder(src, lengths)
+        for t in range(prev.size(1)):
+            _, extra = model.decoder(prev[:, : t + 1], encoder_out=enc, incremental_state=state)
+            assert (extra["attn"][0] is not None) == need_attn
+        full_attn = model.decoder(prev, encoder_out=enc)[1]["attn"][0]
+    # need_attn makes fairseq ask every layer (its semantics); without it only the full forward's alignment layer asks
+    assert calls["weights"] == (len(model.decoder.layers) * (prev.size(1) + 1) if need_attn else 1)
+    if need_attn:  # the last step's alignment equals the full forward's last row
+        torch.testing.assert_close(extra["attn"][0][:, -1], full_attn[:, -1], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["lm", "mt"])
 def test_beam_reorder_matches_full_forward_on_reordered_prefixes(tmp_path, kind):
     """Decode 4 steps, reorder the batch as beam search does, continue: equals full forward of the new prefixes."""
@@ -269,3 +295,9 @@ def test_trainable_attention_freezes_everything_else(tmp_path):
         for n in trained
     )
     assert any("encoder_attn.feature_map" in n for n in trained)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "torch", "fla"])
+def test_linear_kernel_flag_reaches_every_causal_layer(tmp_path, kernel):
+    _, _, model = build_lm(tmp_path, extra=["--linear-kernel", kernel])
+    assert {layer.self_attn.options.kernel for layer in model.decoder.layers} == {kernel}

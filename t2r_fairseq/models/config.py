@@ -15,10 +15,11 @@ from fairseq.utils import safe_getattr
 
 from t2r_fairseq.modules.feature_maps import FEATURE_MAPS
 from t2r_fairseq.modules.linear_multihead_attention import LinearAttentionOptions
-from t2r_fairseq.ops.linear_attention import DEFAULT_CHUNK_SIZE, DEFAULT_EPS
+from t2r_fairseq.ops.linear_attention import BACKENDS, DEFAULT_CHUNK_SIZE, DEFAULT_EPS
 
 FEATURE_MAP_CHOICES = ChoiceEnum(sorted(FEATURE_MAPS))
 TRAINABLE_CHOICES = ChoiceEnum(["all", "attention"])
+KERNEL_CHOICES = ChoiceEnum(list(BACKENDS))
 
 
 @dataclass
@@ -37,6 +38,13 @@ class T2RConfig(FairseqDataclass):
     linear_chunk_size: int = field(
         default=DEFAULT_CHUNK_SIZE,
         metadata={"help": "chunk length of the chunkwise-parallel causal attention in training (memory ~ L x chunk)"},
+    )
+    linear_kernel: KERNEL_CHOICES = field(  # type: ignore[valid-type]
+        default="auto",
+        metadata={
+            "help": "chunkwise causal attention implementation: torch (pure torch, any device), fla (fla's Triton "
+            "kernel; needs CUDA and `pip install -e .[fla]`), auto (fla where it can run, torch elsewhere)"
+        },
     )
     linear_eps: float = field(
         default=DEFAULT_EPS, metadata={"help": "floor of the linear-attention normaliser (the original T2R uses 1e-2)"}
@@ -60,6 +68,7 @@ def attention_options(args: Any, cross: bool = False) -> LinearAttentionOptions:
         feature_size=int(size),
         chunk_size=int(safe_getattr(args, "linear_chunk_size", DEFAULT_CHUNK_SIZE)),
         eps=float(safe_getattr(args, "linear_eps", DEFAULT_EPS)),
+        kernel=str(safe_getattr(args, "linear_kernel", "auto")),
     )
 
 

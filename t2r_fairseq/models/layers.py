@@ -7,7 +7,7 @@ drop, activation checkpointing and FSDP wrapping stay fairseq's.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from fairseq.distributed import fsdp_wrap
 from fairseq.models.transformer import TransformerConfig, TransformerDecoder, TransformerEncoder
@@ -58,6 +58,37 @@ class T2RTransformerDecoderLayer(TransformerDecoderLayerBase):
             causal=True,
             q_noise=self.quant_noise,
             qn_block_size=self.quant_noise_block_size,
+        )
+
+    def forward(  # type: ignore[override]
+        self,
+        x: Tensor,
+        encoder_out: Optional[Tensor] = None,
+        encoder_padding_mask: Optional[Tensor] = None,
+        incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None,
+        prev_self_attn_state: Optional[List[Tensor]] = None,
+        prev_attn_state: Optional[List[Tensor]] = None,
+        self_attn_mask: Optional[Tensor] = None,
+        self_attn_padding_mask: Optional[Tensor] = None,
+        need_attn: bool = False,
+        need_head_weights: bool = False,
+    ) -> Tuple[Tensor, Optional[Tensor], Optional[List[Tensor]]]:
+        """fairseq's layer, except that generation computes cross-attention weights only when asked.
+
+        fairseq's decoder requests the alignment layer's weights at every step,
+        whether or not anything uses them. For softmax they come for free; for
+        linear attention they need ``phi(k)`` of the whole source, O(source) per
+        target token, the one cost the cached source state exists to avoid. So in
+        generation (eval mode, incremental state) they are computed only when
+        the layer was prepared with ``make_generation_fast_(need_attn=True)``,
+        which ``fairseq-generate`` / ``fairseq-interactive --print-alignment``
+        do. Without it ``hypo["attention"]`` is empty; nothing else changes.
+        """
+        if incremental_state is not None and not self.training and not self.need_attn:
+            need_attn = need_head_weights = False
+        return super().forward(
+            x, encoder_out, encoder_padding_mask, incremental_state, prev_self_attn_state, prev_attn_state,
+            self_attn_mask, self_attn_padding_mask, need_attn, need_head_weights,
         )
 
     def build_encoder_attention(self, embed_dim: int, cfg: TransformerConfig) -> LinearMultiheadAttention:

@@ -69,6 +69,7 @@ class LinearAttentionOptions:
     feature_size: int = 32
     chunk_size: int = DEFAULT_CHUNK_SIZE
     eps: float = DEFAULT_EPS
+    kernel: str = "auto"  # chunkwise backend: auto | torch | fla (see ops.linear_attention.causal_linear_attention)
 
 
 @with_incremental_state
@@ -230,7 +231,8 @@ class LinearMultiheadAttention(nn.Module):
         """
         if self.causal:
             out, _ = causal_linear_attention(
-                phi_q, phi_k, v, key_padding_mask, chunk_size=self.options.chunk_size, eps=self.options.eps
+                phi_q, phi_k, v, key_padding_mask, chunk_size=self.options.chunk_size, eps=self.options.eps,
+                backend=self.options.kernel,
             )
             return out
         state = linear_attention_state(phi_k, v, key_padding_mask)
@@ -294,7 +296,7 @@ class LinearMultiheadAttention(nn.Module):
                 key_padding_mask = key_padding_mask[:, -phi_q.size(2):]
             out, state = causal_linear_attention(
                 phi_q, phi_k, v, key_padding_mask, chunk_size=self.options.chunk_size,
-                initial_state=state, output_final_state=True, eps=self.options.eps,
+                initial_state=state, output_final_state=True, eps=self.options.eps, backend=self.options.kernel,
             )
         assert state is not None
         self._set_input_buffer(incremental_state, {"S": state.S, "z": state.z})

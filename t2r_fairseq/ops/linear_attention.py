@@ -32,6 +32,7 @@ still count them in the normaliser.
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
@@ -39,6 +40,8 @@ from torch import Tensor
 
 DEFAULT_EPS = 1e-2
 DEFAULT_CHUNK_SIZE = 64
+BACKENDS = ("auto", "torch", "fla")
+_fla_broken: Optional[str] = None  # set when fla failed once under backend="auto"; the torch path is used after
 
 
 class LinearAttentionState(NamedTuple):
@@ -124,8 +127,16 @@ def causal_linear_attention(
     initial_state: Optional[LinearAttentionState] = None,
     output_final_state: bool = False,
     eps: float = DEFAULT_EPS,
+    backend: str = "auto",
 ) -> tuple[Tensor, Optional[LinearAttentionState]]:
     """Causal linear attention in chunkwise-parallel form, O(L) memory.
+
+    ``backend``: ``"torch"`` is the pure-torch computation below (any device);
+    ``"fla"`` runs fla's fused Triton kernel (CUDA with the ``fla`` package;
+    an error otherwise); ``"auto"`` uses fla where it can run and torch
+    elsewhere, and falls back to torch for good (with one warning) if the fla
+    call fails. Both compute the same function; ``chunk_size`` applies to torch,
+    and sequences shorter than the head count always take the torch path.
 
     The sequence is cut into ``N = ceil(L / C)`` chunks of ``C = chunk_size``.
     Inside a chunk the contribution is the masked ``C x C`` product
@@ -137,6 +148,12 @@ def causal_linear_attention(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown linear-attention backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if backend != "torch":
+        fused = _try_fla(q, k, v, key_padding_mask, initial_state, output_final_state, eps, required=backend == "fla")
+        if fused is not None:
+            return fused
     B, H, L, K = q.shape
     D = v.size(-1)
     out_dtype = v.dtype
@@ -178,6 +195,45 @@ def causal_linear_attention(
             total = total + init
         final = LinearAttentionState(total[..., :D].contiguous(), total[..., D].contiguous())
     return out, final
+
+
+def _try_fla(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Optional[Tensor],
+    initial_state: Optional[LinearAttentionState],
+    output_final_state: bool,
+    eps: float,
+    required: bool,
+) -> Optional[tuple[Tensor, Optional[LinearAttentionState]]]:
+    """The fla kernel's result, or None where it cannot (or, under "auto", did not) run."""
+    global _fla_broken
+    from t2r_fairseq.ops import fla_backend
+
+    if not fla_backend.available(q.device):
+        if required:
+            raise RuntimeError(
+                f"linear-attention backend 'fla' needs the fla package and CUDA tensors (got device {q.device}, "
+                f"fla {'installed' if fla_backend.installed() else 'not installed'}); install it with "
+                "`pip install -e '.[fla]'` on a GPU machine, or use backend 'torch' / 'auto'"
+            )
+        return None
+    if (_fla_broken is not None and not required) or q.size(2) < q.size(1):
+        # fla refuses sequences shorter than the head count (it takes them for a layout mistake); such
+        # short calls (a few prompt tokens) are cheap in torch anyway.
+        return None
+    try:
+        out, final = fla_backend.fla_causal_linear_attention(
+            q, k, v, key_padding_mask, tuple(initial_state) if initial_state is not None else None, output_final_state, eps
+        )
+    except Exception as err:  # noqa: BLE001 - an fla API or kernel failure must not stop training under "auto"
+        if required:
+            raise
+        _fla_broken = f"{type(err).__name__}: {err}"
+        warnings.warn(f"fla linear-attention kernel failed ({_fla_broken}); using the torch path from now on")
+        return None
+    return out, LinearAttentionState(*final) if final is not None else None
 
 
 def linear_attention_step(

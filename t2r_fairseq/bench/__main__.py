@@ -1,0 +1,3 @@
+from t2r_fairseq.bench.cli import main
+
+main()

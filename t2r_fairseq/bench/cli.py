@@ -1,0 +1,134 @@
+"""``python -m t2r_fairseq.bench``: the command line, one run, one report.
+
+    python -m t2r_fairseq.bench --out bench-out                 # CPU, the defaults below
+    python -m t2r_fairseq.bench --out bench-gpu --device cuda --dtype bfloat16 --threads 0
+
+1. decode: one incremental step of fairseq's softmax transformer (KV cache) vs
+   the T2R model of the same size (``(S, z)`` state) vs the attention-free lower
+   bound, for the LM and for MT (cross-attention: cached source summary vs the
+   KV of the source), at each context length and batch size;
+2. decode memory: bytes of the incremental state, and the peak memory of each
+   configuration (resident set on the CPU, allocator peak on CUDA);
+3. training: forward + backward of the attention core vs sequence length for
+   chunkwise linear attention, SDPA softmax and the naive quadratic form (plus
+   fla's kernel where installed on CUDA), and a chunk-size sweep.
+
+Each figure is the median of ``--repeats`` timed calls after ``--warmup``
+untimed ones, with the spread beside it. Output: ``results.md``,
+``results.json`` and ``bench.png`` in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from t2r_fairseq.bench.decode import bench_decode
+from t2r_fairseq.bench.measure import process_peak_rss_mib
+from t2r_fairseq.bench.report import summarise, write_report
+from t2r_fairseq.bench.train import bench_training
+
+
+def _ints(s: str) -> List[int]:
+    try:
+        values = [int(x) for x in s.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {s!r}")
+    return sorted(set(values))
+
+
+def _tasks(s: str) -> List[str]:
+    tasks = [x for x in s.split(",") if x]
+    bad = [t for t in tasks if t not in ("lm", "mt")]
+    if bad or not tasks:
+        raise argparse.ArgumentTypeError(f"tasks are lm and/or mt, got {s!r}")
+    return tasks
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m t2r_fairseq.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("bench-out"), help="directory for results.md/.json, bench.png")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                    help="model/activation dtype (half precision on CUDA only); linear states stay fp32")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (0: leave torch's default)")
+    g = ap.add_argument_group("decode")
+    g.add_argument("--tasks", type=_tasks, default=["lm", "mt"], help="lm, mt or lm,mt")
+    g.add_argument("--contexts", type=_ints, default=_ints("64,256,1024,2048,4096,8192"))
+    g.add_argument("--batches", type=_ints, default=_ints("1,16"))
+    g.add_argument("--mt-source-length", type=int, default=0,
+                   help="MT source length (0: equal to the target context, as in document-level translation)")
+    g.add_argument("--layers", type=int, default=6, help="decoder layers (and encoder layers for MT)")
+    g.add_argument("--dim", type=int, default=512)
+    g.add_argument("--heads", type=int, default=8)
+    g.add_argument("--vocab", type=int, default=32000)
+    g.add_argument("--feature-size", type=int, default=32)
+    g = ap.add_argument_group("training")
+    g.add_argument("--train-lengths", type=_ints, default=_ints("512,1024,2048,4096,8192"))
+    g.add_argument("--train-batch", type=int, default=4)
+    g.add_argument("--train-heads", type=int, default=8)
+    g.add_argument("--train-head-dim", type=int, default=64)
+    g.add_argument("--chunk-size", type=int, default=64)
+    g.add_argument("--chunk-sweep", type=_ints, default=_ints("16,32,64,128,256"))
+    g.add_argument("--naive-max-length", type=int, default=2048, help="skip the O(L^2) form above this length")
+    g = ap.add_argument_group("run")
+    g.add_argument("--warmup", type=int, default=2)
+    g.add_argument("--repeats", type=int, default=7)
+    g.add_argument("--skip", choices=["decode", "train"], action="append", default=[])
+    g.add_argument("--tiny", action="store_true", help="seconds-scale configuration (what the tests run)")
+    return ap
+
+
+def _check(ap: argparse.ArgumentParser, cfg: argparse.Namespace) -> None:
+    """Refuse a configuration that cannot run, before anything is built."""
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {cfg.device}: this torch ({torch.__version__}) sees no CUDA device; use --device cpu "
+                 "or install a CUDA build of torch into .venv (README, Install notes)")
+    if device.type not in ("cpu", "cuda"):
+        ap.error(f"--device {cfg.device}: only cpu and cuda are supported")
+    if device.type == "cpu" and cfg.dtype != "float32":
+        ap.error(f"--dtype {cfg.dtype} is for CUDA; CPU runs are float32")
+    if cfg.dim % cfg.heads:
+        ap.error(f"--dim {cfg.dim} must be divisible by --heads {cfg.heads}")
+    if cfg.repeats < 1 or cfg.warmup < 0:
+        ap.error("--repeats must be >= 1 and --warmup >= 0")
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    """Run the benchmark, write the report, return the results (also what the tests inspect)."""
+    ap = parser()
+    cfg = ap.parse_args(argv)
+    if cfg.tiny:
+        cfg.contexts, cfg.batches, cfg.layers, cfg.dim, cfg.heads, cfg.vocab = [8, 32], [1, 2], 2, 32, 4, 100
+        cfg.feature_size, cfg.train_lengths, cfg.train_batch, cfg.train_heads = 8, [64, 128], 1, 2
+        cfg.train_head_dim, cfg.chunk_sweep, cfg.warmup, cfg.repeats = 16, [16, 32], 1, 2
+    _check(ap, cfg)
+    torch.manual_seed(0)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    decode = bench_decode(cfg) if "decode" not in cfg.skip else []
+    train = bench_training(cfg) if "train" not in cfg.skip else []
+    device = torch.device(cfg.device)
+    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    res = {
+        "command": "python -m t2r_fairseq.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": f"{platform.machine()} {platform.processor() or ''}{gpu}, torch {torch.__version__}, "
+                   f"{torch.get_num_threads()} threads, {cfg.device} {cfg.dtype}",
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
+        "decode": decode,
+        "train": train,
+        "summary": summarise(decode, train, cfg),
+        "peak_rss_mib": process_peak_rss_mib(),
+    }
+    write_report(res, cfg.out)
+    print((cfg.out / "results.md").read_text())
+    return res

@@ -1,0 +1,186 @@
+"""Decode benchmark: one incremental step of a fairseq decoder at a given context length.
+
+Three models of the same size, built through fairseq's own argument parsing
+(random weights: speed does not depend on them):
+
+* ``softmax``: fairseq's ``transformer_lm`` / ``transformer`` with its KV cache
+  (self-attention keys/values of the prefix; for MT also the static keys/values
+  of the source, read in full at every step);
+* ``t2r``: ``t2r_transformer_lm`` / ``t2r_transformer`` with the ``(S, z)``
+  state (for MT the cross-attention state is the cached source summary);
+* ``no_attention``: the attention-free lower bound — the same model whose
+  attention blocks keep their projections but mix no tokens and keep no state.
+
+The incremental state is pre-filled to the context length (random contents of
+the right shapes), so a step at context 8192 costs one step, and fairseq's own
+decoder computes it (embeddings, positions, layers, output projection), as in
+``fairseq-generate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from t2r_fairseq.bench.measure import peak_memory_mib, reset_peak_memory, timeit
+
+KINDS = ("no_attention", "t2r", "softmax")
+
+
+class _MixingFreeAttention(nn.Module):
+    """An attention block with its token mixing removed: the attention-free lower bound.
+
+    It keeps the q/k/v/out projections (every attention variant pays for them)
+    but lets each position see only its own value, ``out_proj(v_proj(x))``,
+    with no state at all. What T2R costs above this is the price of its feature
+    maps and recurrent state; what softmax costs above it is its KV cache.
+    """
+
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj
+
+    def forward(self, query: Tensor, key: Optional[Tensor] = None, value: Optional[Tensor] = None, **kwargs):  # noqa: ANN201
+        self.q_proj(query)
+        self.k_proj(query)
+        return self.out_proj(self.v_proj(query)), None
+
+    def _get_input_buffer(self, incremental_state):  # noqa: ANN001,ANN202 - fairseq's interface
+        return {}
+
+    def _set_input_buffer(self, incremental_state, buffer):  # noqa: ANN001,ANN202
+        return incremental_state
+
+
+def _dictionary(vocab: int):  # noqa: ANN202 - fairseq Dictionary
+    from fairseq.data import Dictionary
+
+    d = Dictionary()
+    for i in range(vocab - len(d)):
+        d.add_symbol(f"w{i}")
+    return d
+
+
+def build_model(task: str, kind: str, cfg: argparse.Namespace, max_positions: int) -> nn.Module:
+    """A fairseq LM (``task='lm'``) or translation model (``'mt'``) of kind ``softmax``/``t2r``/``no_attention``."""
+    from fairseq import options, tasks
+
+    import t2r_fairseq  # noqa: F401  (registers the T2R models)
+
+    dictionary = _dictionary(cfg.vocab)
+    dim, ffn, heads, layers = str(cfg.dim), str(4 * cfg.dim), str(cfg.heads), str(cfg.layers)
+    if task == "lm":
+        arch = "t2r_transformer_lm" if kind == "t2r" else "transformer_lm"
+        argv = ["--task", "language_modeling", "--decoder-input-dim", dim, "--decoder-output-dim", dim,
+                "--tokens-per-sample", str(max_positions)]
+    else:
+        arch = "t2r_transformer" if kind == "t2r" else "transformer"
+        argv = ["--task", "translation", "-s", "src", "-t", "tgt", "--encoder-layers", layers,
+                "--encoder-embed-dim", dim, "--encoder-ffn-embed-dim", ffn, "--encoder-attention-heads", heads,
+                "--max-source-positions", str(max_positions)]
+    argv = ["/nonexistent", "--arch", arch, *argv, "--decoder-layers", layers, "--decoder-embed-dim", dim,
+            "--decoder-ffn-embed-dim", ffn, "--decoder-attention-heads", heads,
+            "--max-target-positions", str(max_positions), "--share-decoder-input-output-embed", "--cpu"]
+    if kind == "t2r":
+        argv += ["--feature-size", str(cfg.feature_size)]
+    args = options.parse_args_and_arch(options.get_training_parser(), argv)
+    if task == "lm":
+        fairseq_task = tasks.language_modeling.LanguageModelingTask(args, dictionary, dictionary)
+    else:
+        fairseq_task = tasks.translation.TranslationTask(args, dictionary, dictionary)
+    model = fairseq_task.build_model(args).eval()
+    if kind == "no_attention":
+        for layer in model.decoder.layers:
+            layer.self_attn = _MixingFreeAttention(layer.self_attn)
+            if getattr(layer, "encoder_attn", None) is not None:
+                layer.encoder_attn = _MixingFreeAttention(layer.encoder_attn)
+    model.make_generation_fast_()
+    return model
+
+
+def _attention_buffer(attn: nn.Module, kind: str, batch: int, length: int, device: torch.device, dtype) -> dict:  # noqa: ANN001
+    H, d = attn.num_heads, attn.head_dim
+    if kind == "softmax":
+        shape = (batch, H, length, d)
+        return {"prev_key": torch.randn(shape, device=device, dtype=dtype),
+                "prev_value": torch.randn(shape, device=device, dtype=dtype), "prev_key_padding_mask": None}
+    K = attn.feature_map.output_dim  # the linear state is fp32 whatever the model dtype
+    return {"S": torch.rand(batch, H, K, d, device=device), "z": torch.rand(batch, H, K, device=device) + 1.0}
+
+
+def prefill_state(model: nn.Module, kind: str, batch: int, context: int, source_length: int = 0) -> dict:
+    """An incremental state as if ``context`` tokens had been decoded against a ``source_length`` source."""
+    state: dict = {}
+    if kind == "no_attention":
+        return state
+    p = next(model.parameters())
+    for layer in model.decoder.layers:
+        layer.self_attn._set_input_buffer(state, _attention_buffer(layer.self_attn, kind, batch, context, p.device, p.dtype))
+        if source_length and getattr(layer, "encoder_attn", None) is not None:
+            buffer = _attention_buffer(layer.encoder_attn, kind, batch, source_length, p.device, p.dtype)
+            layer.encoder_attn._set_input_buffer(state, buffer)
+    return state
+
+
+def fake_encoder_out(model: nn.Module, batch: int, source_length: int, dim: int) -> Dict[str, List[Tensor]]:
+    """fairseq's encoder output layout for a source of ``source_length`` (the encoder runs once per sentence,
+    off the per-token path, so it is not timed); its contents are irrelevant once the cross state is cached."""
+    p = next(model.parameters())
+    x = torch.randn(source_length, batch, dim, device=p.device, dtype=p.dtype)
+    pad = torch.zeros(batch, source_length, dtype=torch.bool, device=p.device)
+    return {"encoder_out": [x], "encoder_padding_mask": [pad], "encoder_embedding": [], "encoder_states": [],
+            "src_tokens": [], "src_lengths": []}
+
+
+def state_bytes(state: dict) -> int:
+    """Bytes of every tensor in a fairseq incremental state (KV cache or ``(S, z)``)."""
+    return sum(t.numel() * t.element_size() for buf in state.values() for t in buf.values() if t is not None)
+
+
+@torch.no_grad()
+def bench_decode_model(task: str, kind: str, cfg: argparse.Namespace) -> List[dict]:
+    """Time one decode step of one model at every (batch, context); one row each."""
+    device, dtype = torch.device(cfg.device), getattr(torch, cfg.dtype)
+    max_ctx = max(cfg.contexts) + 8
+    model = build_model(task, kind, cfg, max_positions=max(max_ctx, cfg.mt_source_length + 8)).to(device, dtype)
+    rows = []
+    for batch in cfg.batches:
+        for context in cfg.contexts:
+            source_length = (cfg.mt_source_length or context) if task == "mt" else 0
+            own_peak = reset_peak_memory(device)
+            tokens = torch.randint(4, cfg.vocab, (batch, context + 1), device=device)
+            base = prefill_state(model, kind, batch, context, source_length)
+            encoder_out = fake_encoder_out(model, batch, source_length, cfg.dim) if task == "mt" else None
+
+            def step() -> None:
+                # A fresh shallow copy per call: the step must not grow the cache the next repetition measures.
+                state = {k: dict(v) for k, v in base.items()}
+                model.decoder(tokens, encoder_out=encoder_out, incremental_state=state)
+
+            t = timeit(step, cfg.warmup, cfg.repeats, device)
+            row = {"task": task, "model": kind, "batch": batch, "context": context, "source_length": source_length,
+                   **t, "tokens_per_s": batch * 1000 / t["median_ms"], "state_bytes": state_bytes(base),
+                   "peak_mem_mib": peak_memory_mib(device), "peak_is_per_row": own_peak}
+            rows.append(row)
+            print(f"decode {task} {kind:>12} batch {batch:>3} context {context:>5}: {t['median_ms']:8.2f} ms/step "
+                  f"(spread {t['spread_ms']:.2f}), state {row['state_bytes'] / 2**20:9.2f} MiB, "
+                  f"peak {row['peak_mem_mib']:.0f} MiB", flush=True)
+            del base, encoder_out
+    return rows
+
+
+def bench_decode(cfg: argparse.Namespace) -> List[dict]:
+    """Every task and model; the softmax models last.
+
+    Their multi-GB KV caches at long contexts disturb the allocator and the CPU
+    caches for whatever is timed right after them, so the models whose figures
+    are compared with the bound (T2R, the bound itself) run first.
+    """
+    rows: List[dict] = []
+    order = [(t, k) for k in KINDS if k != "softmax" for t in cfg.tasks] + [(t, "softmax") for t in cfg.tasks]
+    for task, kind in order:
+        rows += bench_decode_model(task, kind, cfg)
+    return rows

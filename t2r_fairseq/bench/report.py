@@ -1,0 +1,147 @@
+"""Ratios the targets are stated in, and the Markdown / JSON / PNG outputs of a benchmark run.
+
+Every ratio divides two figures of the same run (same machine, load and threads).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional
+
+
+def _pick(rows: List[dict], **match: object) -> Optional[dict]:
+    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def generation_ms(rows: List[dict], task: str, model: str, batch: int, tokens: int) -> Optional[float]:
+    """Time to generate ``tokens`` tokens one by one: the step time integrated over the context.
+
+    Step times are measured at a few contexts; between them the step time is
+    interpolated linearly (trapezoids), and below the shortest measured context
+    it is taken as constant. None when ``tokens`` exceeds the measured contexts.
+    """
+    pts = sorted((r["context"], r["median_ms"]) for r in rows
+                 if r["task"] == task and r["model"] == model and r["batch"] == batch)
+    if not pts or tokens > pts[-1][0]:
+        return None
+    total = min(tokens, pts[0][0]) * pts[0][1]
+    for (c1, t1), (c2, t2) in zip(pts, pts[1:]):
+        if c1 >= tokens:
+            break
+        c_end = min(c2, tokens)
+        t_end = t1 + (t2 - t1) * (c_end - c1) / (c2 - c1)
+        total += (c_end - c1) * (t1 + t_end) / 2
+    return total
+
+
+def summarise(decode: List[dict], train: List[dict], cfg) -> Dict[str, float]:  # noqa: ANN001 - argparse namespace
+    """The figures the issue's targets are stated in, keyed by a self-describing name."""
+    out: Dict[str, float] = {}
+    lo, hi = min(cfg.contexts), max(cfg.contexts)
+    mid = max([c for c in cfg.contexts if c <= 4096] or [hi])  # the targets' "context 4096" where measured
+    gen = sorted({c for c in (2048, hi) if c in cfg.contexts})
+    for task in cfg.tasks:
+        for b in cfg.batches:
+            p = f"{task}_b{b}"
+
+            def ms(model: str, ctx: int) -> Optional[float]:
+                r = _pick(decode, task=task, model=model, batch=b, context=ctx)
+                return r["median_ms"] if r else None
+
+            t2r_lo, t2r_mid, sm_mid = ms("t2r", lo), ms("t2r", mid), ms("softmax", mid)
+            if None in (t2r_lo, t2r_mid, sm_mid):
+                continue
+            out[f"{p}_t2r_step_ctx{mid}_over_ctx{lo}"] = t2r_mid / t2r_lo
+            out[f"{p}_t2r_step_speedup_vs_softmax_ctx{mid}"] = sm_mid / t2r_mid
+            for ctx in cfg.contexts:
+                bound = ms("no_attention", ctx)
+                if bound:
+                    out[f"{p}_t2r_over_attention_free_ctx{ctx}"] = ms("t2r", ctx) / bound
+            kv = _pick(decode, task=task, model="softmax", batch=b, context=mid)
+            rnn = _pick(decode, task=task, model="t2r", batch=b, context=mid)
+            out[f"{p}_kv_cache_over_t2r_state_ctx{mid}"] = kv["state_bytes"] / max(rnn["state_bytes"], 1)
+            for n in gen:
+                sm, t2r = generation_ms(decode, task, "softmax", b, n), generation_ms(decode, task, "t2r", b, n)
+                if sm and t2r:
+                    out[f"{p}_t2r_over_softmax_tokens_per_s_generating_{n}"] = sm / t2r
+    for L in cfg.train_lengths:
+        sd = _pick(train, variant="sdpa_softmax", length=L)
+        for variant in ("chunkwise", "fla_chunk"):
+            ck = _pick(train, variant=variant, length=L)
+            if sd and ck:
+                out[f"train_{variant}_speedup_vs_sdpa_L{L}"] = sd["median_ms"] / ck["median_ms"]
+    return out
+
+
+def write_report(res: dict, out: Path) -> None:
+    """``results.json`` (everything), ``results.md`` (tables) and ``bench.png`` (plots) in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(res, indent=2))
+    mem = "peak GPU MiB" if res["config"]["device"].startswith("cuda") else "peak RSS MiB"
+    lines = [f"# Benchmark results\n\nCommand: `{res['command']}`  \nMachine: {res['machine']}\n"]
+    if res["decode"]:
+        lines += ["## Decode (one incremental step; median of repeats)\n",
+                  f"| task | model | batch | context | source | ms/step | spread ms | tokens/s | state MiB | {mem} |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in res["decode"]:
+            lines.append(f"| {r['task']} | {r['model']} | {r['batch']} | {r['context']} | {r['source_length'] or '-'} | "
+                         f"{r['median_ms']:.2f} | {r['spread_ms']:.2f} | {r['tokens_per_s']:.0f} | "
+                         f"{r['state_bytes'] / 2**20:.3f} | {r['peak_mem_mib']:.0f} |")
+    if res["train"]:
+        lines += ["", "## Training (attention core, forward + backward)\n",
+                  f"| variant | L | ms | spread ms | saved activations MiB | {mem} |", "|---|---|---|---|---|---|"]
+        for r in res["train"]:
+            lines.append(f"| {r['variant']} | {r['length']} | {r['median_ms']:.2f} | {r['spread_ms']:.2f} | "
+                         f"{r['saved_activation_bytes'] / 2**20:.1f} | {r['peak_mem_mib']:.0f} |")
+    if res["summary"]:
+        lines += ["", "## Ratios (same run)\n", "| figure | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.2f} |" for k, v in res["summary"].items()]
+    lines += ["", f"Peak resident memory of the benchmark process: {res['peak_rss_mib']:.0f} MiB"]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    _plots(res, out)
+
+
+def _plots(res: dict, out: Path) -> None:
+    import logging
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in res["decode"]})
+    panels = [("decode", t) for t in tasks] + [("state", None)] * bool(tasks) + [("train", None)] * bool(res["train"])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
+    styles = {"softmax": "C0", "t2r": "C1", "no_attention": "C2"}  # colour per model, line style per batch
+    for ax, (panel, task) in zip(axes[0], panels):
+        if panel == "decode":
+            for b, dash in zip(sorted({r["batch"] for r in res["decode"]}), ["-", "--", ":", "-."] * 8):
+                for model, colour in styles.items():
+                    pts = [(r["context"], r["median_ms"]) for r in res["decode"]
+                           if r["task"] == task and r["batch"] == b and r["model"] == model]
+                    if pts:
+                        ax.plot(*zip(*pts), dash, color=colour, marker="o", label=f"{model}, batch {b}")
+            ax.set(xscale="log", yscale="log", xlabel="context length", ylabel="ms per decode step",
+                   title=f"Decode step time ({task.upper()})")
+        elif panel == "state":
+            for model in ("softmax", "t2r"):
+                for task_, dash in zip(tasks, ["-", "--"]):
+                    pts = [(r["context"], r["state_bytes"] / 2**20) for r in res["decode"]
+                           if r["task"] == task_ and r["model"] == model and r["batch"] == min(res["config"]["batches"])]
+                    if pts:
+                        ax.plot(*zip(*pts), dash, color=styles[model], marker="o", label=f"{model} {task_.upper()}")
+            ax.set(xscale="log", yscale="log", xlabel="context length", ylabel="MiB per sequence batch",
+                   title=f"Decode state (batch {min(res['config']['batches'])})")
+        else:
+            for variant in sorted({r["variant"] for r in res["train"] if "_c" not in r["variant"]}):
+                pts = [(r["length"], r["median_ms"]) for r in res["train"] if r["variant"] == variant]
+                ax.plot(*zip(*pts), marker="o", label=variant)
+            ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="ms fwd+bwd",
+                   title="Training attention core")
+        ax.legend(fontsize=7)
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "bench.png", dpi=110)
+    plt.close(fig)
