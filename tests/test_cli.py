@@ -72,6 +72,15 @@ def test_mt_swap_finetune_generate_sacrebleu_and_interactive(work):
     assert re.search(r"Generate test with beam=4: BLEU = [\d.]+", out), out[-2000:]
     n_src = len(re.findall(r"^S-\d+", gen.stdout, flags=re.M))
     assert n_src > 0 and len(re.findall(r"^H-\d+", gen.stdout, flags=re.M)) == n_src
+    # Alignments come from the linear cross-attention weights, computed in generation only when asked.
+    aligned = run("fairseq-generate", work / "bin-mt", "--user-dir", USER_DIR, "--path", ckpt, "--beam", "2",
+                  "--print-alignment", "--cpu", "--max-tokens", "2048", "--max-len-b", "8")
+    src_len = {int(i): len(s.split()) for i, s in re.findall(r"^S-(\d+)\t(.*)$", aligned.stdout, flags=re.M)}
+    alignments = re.findall(r"^A-(\d+)\t(.*)$", aligned.stdout, flags=re.M)
+    assert len(alignments) == len(src_len) > 0, aligned.stdout[-2000:]
+    for i, pairs in alignments:
+        src_positions = [int(p.split("-")[0]) for p in pairs.split()]
+        assert src_positions and all(0 <= p <= src_len[int(i)] for p in src_positions)
     inter = run("fairseq-interactive", work / "bin-mt", "--user-dir", USER_DIR, "--path", ckpt, "--beam", "2",
                 "-s", "src", "-t", "tgt", "--cpu", stdin="w1 w2 w3\nw4 w5\n")
     assert len(re.findall(r"^H-\d+\t", inter.stdout, flags=re.M)) == 2

@@ -33,18 +33,24 @@ KINDS = ("no_attention", "t2r", "softmax")
 class _MixingFreeAttention(nn.Module):
     """An attention block with its token mixing removed: the attention-free lower bound.
 
-    It keeps the q/k/v/out projections (every attention variant pays for them)
-    but lets each position see only its own value, ``out_proj(v_proj(x))``,
-    with no state at all. What T2R costs above this is the price of its feature
-    maps and recurrent state; what softmax costs above it is its KV cache.
+    It keeps the per-token projections every attention variant pays for at a
+    decode step, and nothing else: no state, no mixing. Self-attention projects
+    the new token with q, k and v and returns ``out_proj(v)``; encoder-decoder
+    attention projects only the query (the source's keys and values are
+    computed once per sentence, off the per-token path) and returns
+    ``out_proj(q)``. What T2R costs above this is the price of its feature maps
+    and recurrent state; what softmax costs above it is its KV cache.
     """
 
     def __init__(self, attn: nn.Module) -> None:
         super().__init__()
+        self.cross = bool(getattr(attn, "encoder_decoder_attention", False))
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj
 
     def forward(self, query: Tensor, key: Optional[Tensor] = None, value: Optional[Tensor] = None, **kwargs):  # noqa: ANN201
-        self.q_proj(query)
+        q = self.q_proj(query)
+        if self.cross:
+            return self.out_proj(q), None
         self.k_proj(query)
         return self.out_proj(self.v_proj(query)), None
 

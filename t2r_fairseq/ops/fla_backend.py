@@ -34,6 +34,7 @@ def _fla_kernel():  # noqa: ANN202 - fla's function
     return chunk_linear_attn, "head_first" in inspect.signature(chunk_linear_attn).parameters
 
 
+@functools.lru_cache(maxsize=None)
 def installed() -> bool:
     """True when the ``fla`` package can be imported (it may still need a GPU to run)."""
     return importlib.util.find_spec("fla") is not None
