@@ -8,6 +8,9 @@ Three models of the same size, built through fairseq's own argument parsing
   of the source, read in full at every step);
 * ``t2r``: ``t2r_transformer_lm`` / ``t2r_transformer`` with the ``(S, z)``
   state (for MT the cross-attention state is the cached source summary);
+* ``t2r_unfused`` (with ``--compare-unfused``): T2R with generation's fused
+  projection switched off, i.e. separate q/k/v matmuls and per-head feature-map
+  matmuls — the before/after of that optimisation in one run;
 * ``no_attention``: the attention-free lower bound — the same model whose
   attention blocks keep their projections but mix no tokens and keep no state.
 
@@ -27,7 +30,7 @@ from torch import Tensor, nn
 
 from t2r_fairseq.bench.measure import peak_memory_mib, reset_peak_memory, timeit
 
-KINDS = ("no_attention", "t2r", "softmax")
+KINDS = ("no_attention", "t2r", "t2r_unfused", "softmax")
 
 
 class _MixingFreeAttention(nn.Module):
@@ -78,19 +81,20 @@ def build_model(task: str, kind: str, cfg: argparse.Namespace, max_positions: in
 
     dictionary = _dictionary(cfg.vocab)
     dim, ffn, heads, layers = str(cfg.dim), str(4 * cfg.dim), str(cfg.heads), str(cfg.layers)
+    linear = kind.startswith("t2r")
     if task == "lm":
-        arch = "t2r_transformer_lm" if kind == "t2r" else "transformer_lm"
+        arch = "t2r_transformer_lm" if linear else "transformer_lm"
         argv = ["--task", "language_modeling", "--decoder-input-dim", dim, "--decoder-output-dim", dim,
                 "--tokens-per-sample", str(max_positions)]
     else:
-        arch = "t2r_transformer" if kind == "t2r" else "transformer"
+        arch = "t2r_transformer" if linear else "transformer"
         argv = ["--task", "translation", "-s", "src", "-t", "tgt", "--encoder-layers", layers,
                 "--encoder-embed-dim", dim, "--encoder-ffn-embed-dim", ffn, "--encoder-attention-heads", heads,
                 "--max-source-positions", str(max_positions)]
     argv = ["/nonexistent", "--arch", arch, *argv, "--decoder-layers", layers, "--decoder-embed-dim", dim,
             "--decoder-ffn-embed-dim", ffn, "--decoder-attention-heads", heads,
             "--max-target-positions", str(max_positions), "--share-decoder-input-output-embed", "--cpu"]
-    if kind == "t2r":
+    if linear:
         argv += ["--feature-size", str(cfg.feature_size)]
     args = options.parse_args_and_arch(options.get_training_parser(), argv)
     if task == "lm":
@@ -103,6 +107,10 @@ def build_model(task: str, kind: str, cfg: argparse.Namespace, max_positions: in
             layer.self_attn = _MixingFreeAttention(layer.self_attn)
             if getattr(layer, "encoder_attn", None) is not None:
                 layer.encoder_attn = _MixingFreeAttention(layer.encoder_attn)
+    if kind == "t2r_unfused":
+        for module in model.modules():
+            if hasattr(module, "fuse_generation"):
+                module.fuse_generation = False
     model.make_generation_fast_()
     return model
 
@@ -186,7 +194,8 @@ def bench_decode(cfg: argparse.Namespace) -> List[dict]:
     are compared with the bound (T2R, the bound itself) run first.
     """
     rows: List[dict] = []
-    order = [(t, k) for k in KINDS if k != "softmax" for t in cfg.tasks] + [(t, "softmax") for t in cfg.tasks]
+    kinds = [k for k in KINDS if k != "softmax" and (k != "t2r_unfused" or cfg.compare_unfused)]
+    order = [(t, k) for k in kinds for t in cfg.tasks] + [(t, "softmax") for t in cfg.tasks]
     for task, kind in order:
         rows += bench_decode_model(task, kind, cfg)
     return rows

@@ -55,9 +55,11 @@ def summarise(decode: List[dict], train: List[dict], cfg) -> Dict[str, float]:  
             out[f"{p}_t2r_step_ctx{mid}_over_ctx{lo}"] = t2r_mid / t2r_lo
             out[f"{p}_t2r_step_speedup_vs_softmax_ctx{mid}"] = sm_mid / t2r_mid
             for ctx in cfg.contexts:
-                bound = ms("no_attention", ctx)
+                bound, unfused = ms("no_attention", ctx), ms("t2r_unfused", ctx)
                 if bound:
                     out[f"{p}_t2r_over_attention_free_ctx{ctx}"] = ms("t2r", ctx) / bound
+                if bound and unfused:
+                    out[f"{p}_t2r_unfused_over_attention_free_ctx{ctx}"] = unfused / bound
             kv = _pick(decode, task=task, model="softmax", batch=b, context=mid)
             rnn = _pick(decode, task=task, model="t2r", batch=b, context=mid)
             out[f"{p}_kv_cache_over_t2r_state_ctx{mid}"] = kv["state_bytes"] / max(rnn["state_bytes"], 1)
@@ -114,7 +116,7 @@ def _plots(res: dict, out: Path) -> None:
     tasks = sorted({r["task"] for r in res["decode"]})
     panels = [("decode", t) for t in tasks] + [("state", None)] * bool(tasks) + [("train", None)] * bool(res["train"])
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
-    styles = {"softmax": "C0", "t2r": "C1", "no_attention": "C2"}  # colour per model, line style per batch
+    styles = {"softmax": "C0", "t2r": "C1", "no_attention": "C2", "t2r_unfused": "C3"}  # colour per model, line style per batch
     for ax, (panel, task) in zip(axes[0], panels):
         if panel == "decode":
             for b, dash in zip(sorted({r["batch"] for r in res["decode"]}), ["-", "--", ":", "-."] * 8):

@@ -122,6 +122,7 @@ class LinearMultiheadAttention(nn.Module):
         self.out_proj = quant_noise(nn.Linear(embed_dim, embed_dim, bias=bias), q_noise, qn_block_size)
         self.feature_map = build_feature_map(options.feature_map, num_heads, self.head_dim, options.feature_size)
         self._fused_cache: Dict[str, Tuple[tuple, "_FusedProjection"]] = {}
+        self.fuse_generation = True  # False: generation runs the parameters' own path (benchmarks compare both)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -208,7 +209,9 @@ class LinearMultiheadAttention(nn.Module):
 
     def _fusable(self, incremental_state: Optional[IncrementalState]) -> bool:
         """Fuse only where nothing can differentiate through the cached weights: generation."""
-        return incremental_state is not None and not self.training and not torch.is_grad_enabled()
+        return (
+            self.fuse_generation and incremental_state is not None and not self.training and not torch.is_grad_enabled()
+        )
 
     def project(self, query: Tensor, key: Tensor, value: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """Head-first ``q`` (scaled by ``head_dim ** -0.5``), ``k``, ``v`` before the feature map.
