@@ -52,6 +52,13 @@ def _tasks(s: str) -> List[str]:
     return tasks
 
 
+TINY = {
+    "contexts": [8, 32], "batches": [1, 2], "layers": 2, "dim": 32, "heads": 4, "vocab": 100, "feature_size": 8,
+    "train_lengths": [64, 128], "train_batch": 1, "train_heads": 2, "train_head_dim": 16, "chunk_sweep": [16, 32],
+    "warmup": 1, "repeats": 2,
+}
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m t2r_fairseq.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,10 +116,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
     """Run the benchmark, write the report, return the results (also what the tests inspect)."""
     ap = parser()
     cfg = ap.parse_args(argv)
-    if cfg.tiny:
-        cfg.contexts, cfg.batches, cfg.layers, cfg.dim, cfg.heads, cfg.vocab = [8, 32], [1, 2], 2, 32, 4, 100
-        cfg.feature_size, cfg.train_lengths, cfg.train_batch, cfg.train_heads = 8, [64, 128], 1, 2
-        cfg.train_head_dim, cfg.chunk_sweep, cfg.warmup, cfg.repeats = 16, [16, 32], 1, 2
+    if cfg.tiny:  # tiny values replace the defaults, not what was given explicitly
+        defaults = vars(ap.parse_args([]))
+        for key, value in TINY.items():
+            if getattr(cfg, key) == defaults[key]:
+                setattr(cfg, key, value)
     _check(ap, cfg)
     torch.manual_seed(0)
     if cfg.threads:
