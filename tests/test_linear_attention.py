@@ -9,6 +9,7 @@ from t2r_fairseq.modules.feature_maps import FEATURE_MAPS, build_feature_map
 from t2r_fairseq.ops.linear_attention import (
     causal_linear_attention,
     linear_attention_state,
+    linear_attention_step,
     linear_attention_readout,
     naive_linear_attention,
     noncausal_linear_attention,
@@ -190,3 +191,18 @@ def test_fla_kernel_equals_torch_path_on_cuda(name: str, padding: str) -> None:
         outs[backend] = (out, final.S, final.z, qq.grad, kk.grad, vv.grad)
     for a, b in zip(outs["fla"], outs["torch"]):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
+
+
+def test_inplace_step_equals_out_of_place_and_reuses_the_state() -> None:
+    q, k, v = _features("t2r", 6)
+    mask = _padding("left", 6)
+    _, state = causal_linear_attention(q[:, :, :3], k[:, :, :3], v[:, :, :3], mask[:, :3], output_final_state=True)
+    ref_state = type(state)(state.S.clone(), state.z.clone())
+    S_before = state.S
+    for t in range(3, 6):
+        out, state = linear_attention_step(q[:, :, t], k[:, :, t], v[:, :, t], state, mask[:, t], inplace=True)
+        ref, ref_state = linear_attention_step(q[:, :, t], k[:, :, t], v[:, :, t], ref_state, mask[:, t])
+        torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    assert state.S is S_before  # updated where it lives, no per-step copy
+    torch.testing.assert_close(state.S, ref_state.S, atol=0, rtol=0)
+    torch.testing.assert_close(state.z, ref_state.z, atol=0, rtol=0)

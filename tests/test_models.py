@@ -301,3 +301,27 @@ def test_trainable_attention_freezes_everything_else(tmp_path):
 def test_linear_kernel_flag_reaches_every_causal_layer(tmp_path, kernel):
     _, _, model = build_lm(tmp_path, extra=["--linear-kernel", kernel])
     assert {layer.self_attn.options.kernel for layer in model.decoder.layers} == {kernel}
+
+
+def test_generation_updates_state_in_place_and_skips_identity_reorders(tmp_path):
+    """Generation owns its (S, z): steps add into them and an identity reorder (greedy search) copies nothing;
+    a real reorder still permutes (the beam-search test checks the values)."""
+    _, task, model = build_lm(tmp_path)
+    tokens = random_tokens(task.dictionary, 3, 5)
+    state: dict = {}
+    with torch.no_grad():
+        model.decoder(tokens[:, :2], incremental_state=state)
+        before = {k: dict(v) for k, v in state.items()}
+        model.decoder.reorder_incremental_state_scripting(state, torch.arange(3))
+        model.decoder(tokens[:, :3], incremental_state=state)
+    for key, buf in state.items():
+        assert buf["S"] is before[key]["S"] and buf["z"] is before[key]["z"]
+    with torch.no_grad():
+        model.decoder.reorder_incremental_state_scripting(state, torch.tensor([2, 0, 1]))
+    assert all(buf["S"] is not before[key]["S"] for key, buf in state.items())
+    # With autograd on (e.g. training through an incremental decode) nothing is updated in place.
+    grad_state: dict = {}
+    model.decoder(tokens[:, :2], incremental_state=grad_state)
+    kept = {k: v["S"] for k, v in grad_state.items()}
+    model.decoder(tokens[:, :3], incremental_state=grad_state)
+    assert all(grad_state[k]["S"] is not kept[k] for k in kept)

@@ -72,6 +72,16 @@ class LinearAttentionOptions:
     kernel: str = "auto"  # chunkwise backend: auto | torch | fla (see ops.linear_attention.causal_linear_attention)
 
 
+def _is_identity(order: Tensor, buffer: Dict[str, Optional[Tensor]]) -> bool:
+    """True when ``order`` keeps every row of the buffer's tensors where it is."""
+    size = next((t.size(0) for t in buffer.values() if t is not None), None)
+    return (
+        size is not None
+        and order.numel() == size
+        and bool(torch.equal(order, torch.arange(size, device=order.device, dtype=order.dtype)))
+    )
+
+
 @with_incremental_state
 class LinearMultiheadAttention(nn.Module):
     """Multi-head attention with ``softmax(q k^T) v`` replaced by ``phi(q) phi(k)^T v`` (normalised).
@@ -207,8 +217,9 @@ class LinearMultiheadAttention(nn.Module):
             out += [phi(self._heads(parts[1]), False), self._heads(parts[2])]
         return out
 
-    def _fusable(self, incremental_state: Optional[IncrementalState]) -> bool:
-        """Fuse only where nothing can differentiate through the cached weights: generation."""
+    def _generating(self, incremental_state: Optional[IncrementalState]) -> bool:
+        """Generation: incremental, eval mode, no autograd. Only there may the projection use cached fused
+        weights (nothing differentiates through them) and the state be updated in place (nothing saved it)."""
         return (
             self.fuse_generation and incremental_state is not None and not self.training and not torch.is_grad_enabled()
         )
@@ -272,7 +283,7 @@ class LinearMultiheadAttention(nn.Module):
         if self.encoder_decoder_attention:
             return self._cross_attention(query, key, key_padding_mask, incremental_state, need_weights, need_head_weights)
 
-        if self._fusable(incremental_state) and (key is None or key is query) and (value is None or value is query):
+        if self._generating(incremental_state) and (key is None or key is query) and (value is None or value is query):
             phi_q, phi_k, v = self._fused_inputs(query, "qkv")
         else:
             phi_q = self._phi_q(query)
@@ -292,7 +303,10 @@ class LinearMultiheadAttention(nn.Module):
         state = LinearAttentionState(buffer["S"], buffer["z"]) if "S" in buffer else None
         if phi_q.size(2) == 1:
             step_mask = key_padding_mask[:, -1] if key_padding_mask is not None else None
-            out, state = linear_attention_step(phi_q[:, :, 0], phi_k[:, :, 0], v[:, :, 0], state, step_mask, self.options.eps)
+            out, state = linear_attention_step(
+                phi_q[:, :, 0], phi_k[:, :, 0], v[:, :, 0], state, step_mask, self.options.eps,
+                inplace=self._generating(incremental_state),
+            )
             out = out.unsqueeze(2)
         else:  # several new positions at once (e.g. a prompt): parallel form, then carry on
             if key_padding_mask is not None:
@@ -316,7 +330,7 @@ class LinearMultiheadAttention(nn.Module):
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """Read out a source summary that is built once per source and cached across steps."""
         buffer = self._get_input_buffer(incremental_state) if incremental_state is not None else {}
-        phi_q = self._fused_inputs(query, "q")[0] if self._fusable(incremental_state) else self._phi_q(query)
+        phi_q = self._fused_inputs(query, "q")[0] if self._generating(incremental_state) else self._phi_q(query)
         phi_k: Optional[Tensor] = None
         if "S" in buffer:
             state = LinearAttentionState(buffer["S"], buffer["z"])
@@ -361,8 +375,15 @@ class LinearMultiheadAttention(nn.Module):
         return self.set_incremental_state(incremental_state, "attn_state", buffer)
 
     def reorder_incremental_state(self, incremental_state: IncrementalState, new_order: Tensor) -> IncrementalState:
-        """Beam search: reorder ``S`` and ``z`` along the batch dimension."""
+        """Beam search: reorder ``S`` and ``z`` along the batch dimension.
+
+        fairseq's generator calls this after every step, usually with the
+        identity order (greedy search, or beams that kept their order); that
+        case is skipped rather than copying every state tensor.
+        """
         buffer = self._get_input_buffer(incremental_state)
+        if buffer and _is_identity(new_order, buffer):
+            return incremental_state
         if buffer:
             for name, value in buffer.items():
                 if value is not None:

@@ -243,12 +243,19 @@ def linear_attention_step(
     state: Optional[LinearAttentionState],
     key_padding_mask: Optional[Tensor] = None,
     eps: float = DEFAULT_EPS,
+    inplace: bool = False,
 ) -> tuple[Tensor, LinearAttentionState]:
     """One recurrent step for a single new position.
 
     ``q, k: [B, H, K]``, ``v: [B, H, D]``, ``key_padding_mask: [B]``. Cost and
     memory are independent of how many steps came before: this is what makes
     the converted transformer an RNN at generation time.
+
+    ``inplace=True`` adds this step into ``state``'s own (contiguous) tensors
+    instead of returning new ones: at batch 16 an out-of-place update copies the
+    whole ``S`` every step and layer, the largest cost of a step above the
+    projections. Only for callers that own the state and need no autograd
+    (generation); the returned state is then ``state`` itself.
     """
     kf = k.float()
     if key_padding_mask is not None:
@@ -258,6 +265,10 @@ def linear_attention_step(
         # Contiguous from the first step on, so later steps update it in the bmm layout without copies.
         S = (kf.unsqueeze(-1) * vf.unsqueeze(-2)).contiguous()
         z = kf.contiguous()
+    elif inplace and state.S.is_contiguous() and state.z.is_contiguous():
+        S, z = state.S, state.z
+        S.view(-1, *S.shape[-2:]).baddbmm_(kf.flatten(0, 1).unsqueeze(-1), vf.flatten(0, 1).unsqueeze(-2))
+        z.add_(kf)
     else:
         S = torch.baddbmm(
             state.S.flatten(0, 1), kf.flatten(0, 1).unsqueeze(-1), vf.flatten(0, 1).unsqueeze(-2)
