@@ -63,6 +63,7 @@ def test_generation_time_integrates_the_step_time_over_the_context():
     "argv, message",
     [
         (["--device", "cuda"], "sees no CUDA device"),
+        (["--device", "gpu0"], "is not a device"),
         (["--dtype", "bfloat16"], "CPU runs are float32"),
         (["--contexts", "64,x"], "comma-separated integers"),
         (["--tasks", "lm,asr"], "lm and/or mt"),

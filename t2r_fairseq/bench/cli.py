@@ -98,7 +98,10 @@ def parser() -> argparse.ArgumentParser:
 
 def _check(ap: argparse.ArgumentParser, cfg: argparse.Namespace) -> None:
     """Refuse a configuration that cannot run, before anything is built."""
-    device = torch.device(cfg.device)
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        ap.error(f"--device {cfg.device!r} is not a device; use cpu or cuda[:N]")
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error(f"--device {cfg.device}: this torch ({torch.__version__}) sees no CUDA device; use --device cpu "
                  "or install a CUDA build of torch into .venv (README, Install notes)")
