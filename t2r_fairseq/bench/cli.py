@@ -79,7 +79,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--vocab", type=int, default=32000)
     g.add_argument("--feature-size", type=int, default=32)
     g.add_argument("--compare-unfused", action="store_true",
-                   help="also time T2R with generation's fused q/k/v + feature-map projection switched off")
+                   help="also time T2R with generation's fast path off (separate q/k/v and feature-map "
+                        "matmuls, out-of-place state update)")
     g = ap.add_argument_group("training")
     g.add_argument("--train-lengths", type=_ints, default=_ints("512,1024,2048,4096,8192"))
     g.add_argument("--train-batch", type=int, default=4)

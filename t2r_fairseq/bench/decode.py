@@ -8,9 +8,10 @@ Three models of the same size, built through fairseq's own argument parsing
   of the source, read in full at every step);
 * ``t2r``: ``t2r_transformer_lm`` / ``t2r_transformer`` with the ``(S, z)``
   state (for MT the cross-attention state is the cached source summary);
-* ``t2r_unfused`` (with ``--compare-unfused``): T2R with generation's fused
-  projection switched off, i.e. separate q/k/v matmuls and per-head feature-map
-  matmuls — the before/after of that optimisation in one run;
+* ``t2r_unfused`` (with ``--compare-unfused``): T2R with generation's fast
+  path switched off (``fast_generation = False``): separate q/k/v and per-head
+  feature-map matmuls, and an out-of-place ``(S, z)`` update — the before/after
+  of both optimisations in one run;
 * ``no_attention``: the attention-free lower bound — the same model whose
   attention blocks keep their projections but mix no tokens and keep no state.
 
@@ -109,8 +110,8 @@ def build_model(task: str, kind: str, cfg: argparse.Namespace, max_positions: in
                 layer.encoder_attn = _MixingFreeAttention(layer.encoder_attn)
     if kind == "t2r_unfused":
         for module in model.modules():
-            if hasattr(module, "fuse_generation"):
-                module.fuse_generation = False
+            if hasattr(module, "fast_generation"):
+                module.fast_generation = False
     model.make_generation_fast_()
     return model
 

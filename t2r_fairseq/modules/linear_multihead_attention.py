@@ -132,7 +132,9 @@ class LinearMultiheadAttention(nn.Module):
         self.out_proj = quant_noise(nn.Linear(embed_dim, embed_dim, bias=bias), q_noise, qn_block_size)
         self.feature_map = build_feature_map(options.feature_map, num_heads, self.head_dim, options.feature_size)
         self._fused_cache: Dict[str, Tuple[tuple, "_FusedProjection"]] = {}
-        self.fuse_generation = True  # False: generation runs the parameters' own path (benchmarks compare both)
+        # False: generation takes the training-time path (separate q/k/v and feature-map matmuls, out-of-place
+        # state update); the benchmark's --compare-unfused times both in one run.
+        self.fast_generation = True
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -221,7 +223,7 @@ class LinearMultiheadAttention(nn.Module):
         """Generation: incremental, eval mode, no autograd. Only there may the projection use cached fused
         weights (nothing differentiates through them) and the state be updated in place (nothing saved it)."""
         return (
-            self.fuse_generation and incremental_state is not None and not self.training and not torch.is_grad_enabled()
+            self.fast_generation and incremental_state is not None and not self.training and not torch.is_grad_enabled()
         )
 
     def project(self, query: Tensor, key: Tensor, value: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
