@@ -35,6 +35,14 @@ class T2RConfig(FairseqDataclass):
             "the head dim)"
         },
     )
+    feature_map_lr_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "learning-rate multiplier of the feature maps: after the swap they are the only parameters "
+            "that start from scratch, while everything else is pretrained (exact for Adam; checkpoints hold the "
+            "effective weights, so this is a training choice, not part of the model)"
+        },
+    )
     linear_chunk_size: int = field(
         default=DEFAULT_CHUNK_SIZE,
         metadata={"help": "chunk length of the chunkwise-parallel causal attention in training (memory ~ L x chunk)"},
@@ -69,6 +77,7 @@ def attention_options(args: Any, cross: bool = False) -> LinearAttentionOptions:
         chunk_size=int(safe_getattr(args, "linear_chunk_size", DEFAULT_CHUNK_SIZE)),
         eps=float(safe_getattr(args, "linear_eps", DEFAULT_EPS)),
         kernel=str(safe_getattr(args, "linear_kernel", "auto")),
+        feature_map_lr_scale=float(safe_getattr(args, "feature_map_lr_scale", 1.0)),
     )
 
 

@@ -11,6 +11,18 @@ Adding a map is one class plus one ``@register_feature_map("name")`` line.
 Random projections are registered *buffers*: they are saved in checkpoints,
 so a reloaded model computes the same function (redrawing them would silently
 change a trained model).
+
+Learning-rate scale. After a swap the maps are the only parameters that start
+from scratch: everything else is pretrained and wants a small finetuning
+learning rate, while Adam moves each weight by about the learning rate per
+step, so a few hundred steps barely move a freshly initialised map. A map built
+with ``lr_scale = s`` stores its learned parameters divided by ``s`` and
+multiplies them back in :meth:`FeatureMap.learned`; for Adam (whose steps do
+not depend on the gradient's scale) that is exactly a learning rate ``s`` times
+the optimizer's for the map alone, with any fairseq optimizer and schedule, no
+param groups. ``state_dict`` holds the *effective* weights, so a checkpoint
+means the same function whatever ``s`` it is loaded with (``s`` is a training
+choice, not part of the model).
 """
 
 from __future__ import annotations
@@ -38,13 +50,19 @@ def register_feature_map(name: str) -> Callable[[Type["FeatureMap"]], Type["Feat
     return wrapper
 
 
-def build_feature_map(name: str, num_heads: int, head_dim: int, feature_size: int) -> "FeatureMap":
+def build_feature_map(
+    name: str, num_heads: int, head_dim: int, feature_size: int, lr_scale: float = 1.0
+) -> "FeatureMap":
     """Instantiate a registered map; an unknown name lists the valid ones."""
     if name not in FEATURE_MAPS:
         raise ValueError(f"unknown feature map {name!r}; valid feature maps: {', '.join(sorted(FEATURE_MAPS))}")
     if feature_size < 1 and FEATURE_MAPS[name].uses_feature_size:
         raise ValueError(f"feature size must be >= 1 for feature map {name!r}, got {feature_size}")
-    return FEATURE_MAPS[name](num_heads, head_dim, feature_size)
+    if not (lr_scale > 0 and math.isfinite(lr_scale)):
+        raise ValueError(f"--feature-map-lr-scale must be a finite number > 0, got {lr_scale}")
+    fmap = FEATURE_MAPS[name](num_heads, head_dim, feature_size)
+    fmap.set_lr_scale(lr_scale)
+    return fmap
 
 
 class FeatureMap(nn.Module):
@@ -59,9 +77,40 @@ class FeatureMap(nn.Module):
         self.head_dim = head_dim
         self.feature_size = feature_size
         self.output_dim = feature_size
+        self.lr_scale = 1.0
 
     def forward(self, x: Tensor, is_query: bool) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    # -- learning-rate scale (see the module docstring) ------------------------
+
+    def set_lr_scale(self, lr_scale: float) -> None:
+        """Re-express the stored parameters for ``lr_scale``; the function computed does not change."""
+        with torch.no_grad():
+            for p in self._parameters.values():
+                if p is not None:
+                    p.mul_(self.lr_scale / lr_scale)
+        self.lr_scale = float(lr_scale)
+
+    def learned(self, name: str) -> Tensor:
+        """The effective value of learned parameter ``name`` (stored value times the lr scale)."""
+        p = getattr(self, name)
+        return p if self.lr_scale == 1.0 else p * self.lr_scale
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.lr_scale != 1.0:
+            for name, p in self._parameters.items():
+                if p is not None:
+                    destination[prefix + name] = (p if keep_vars else p.detach()) * self.lr_scale
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:  # type: ignore[override]
+        if self.lr_scale != 1.0:  # checkpoints hold effective weights; store them divided by the scale
+            state_dict = {
+                k: (v / self.lr_scale if k[len(prefix):] in self._parameters else v)
+                for k, v in state_dict.items() if k.startswith(prefix)
+            }
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def affine_prefix(self) -> tuple[Tensor, Tensor | None] | None:
         """``(weight [H, k, d], bias [H, k] | None)`` when the map starts with a per-head affine layer.
@@ -129,10 +178,10 @@ class T2RFeatureMap(FeatureMap):
         _linear_init_(self.weight, self.bias)
 
     def forward(self, x: Tensor, is_query: bool) -> Tensor:
-        return self.activate(per_head_linear(x, self.weight, self.bias), is_query)
+        return self.activate(per_head_linear(x, *self.affine_prefix()), is_query)
 
     def affine_prefix(self) -> tuple[Tensor, Tensor | None]:
-        return self.weight, self.bias
+        return self.learned("weight"), self.learned("bias")
 
     def activate(self, u: Tensor, is_query: bool) -> Tensor:
         return F.relu(u)
@@ -168,7 +217,7 @@ class RandomFourierFeatureMap(FeatureMap):
         self.inv_sigma = nn.Parameter(torch.ones(num_heads))
 
     def forward(self, x: Tensor, is_query: bool) -> Tensor:
-        x = F.normalize(x, dim=-1) * self.inv_sigma.to(x.dtype).view(-1, 1, 1)
+        x = F.normalize(x, dim=-1) * self.learned("inv_sigma").to(x.dtype).view(-1, 1, 1)
         wx = per_head_linear(x, self.projection)
         return torch.cat([torch.sin(wx), torch.cos(wx)], dim=-1) * self.feature_size**-0.5
 
@@ -231,10 +280,10 @@ class HedgehogFeatureMap(FeatureMap):
         self.bias = nn.Parameter(torch.zeros(num_heads, feature_size))
 
     def forward(self, x: Tensor, is_query: bool) -> Tensor:
-        return self.activate(per_head_linear(x, self.weight, self.bias), is_query)
+        return self.activate(per_head_linear(x, *self.affine_prefix()), is_query)
 
     def affine_prefix(self) -> tuple[Tensor, Tensor | None]:
-        return self.weight, self.bias
+        return self.learned("weight"), self.learned("bias")
 
     def activate(self, u: Tensor, is_query: bool) -> Tensor:
         return torch.cat([torch.softmax(u, dim=-1), torch.softmax(-u, dim=-1)], dim=-1)

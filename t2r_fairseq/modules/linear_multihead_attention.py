@@ -37,6 +37,7 @@ from fairseq.modules.quant_noise import quant_noise
 from torch import Tensor, nn
 
 from t2r_fairseq.modules.feature_maps import build_feature_map
+from t2r_fairseq.ops.attention_transfer import softmax_attention
 from t2r_fairseq.ops.linear_attention import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_EPS,
@@ -70,6 +71,7 @@ class LinearAttentionOptions:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     eps: float = DEFAULT_EPS
     kernel: str = "auto"  # chunkwise backend: auto | torch | fla (see ops.linear_attention.causal_linear_attention)
+    feature_map_lr_scale: float = 1.0  # learning-rate multiplier of the feature map (see modules.feature_maps)
 
 
 def _is_identity(order: Tensor, buffer: Dict[str, Optional[Tensor]]) -> bool:
@@ -130,11 +132,16 @@ class LinearMultiheadAttention(nn.Module):
         self.v_proj = quant_noise(nn.Linear(self.vdim, embed_dim, bias=bias), q_noise, qn_block_size)
         self.q_proj = quant_noise(nn.Linear(embed_dim, embed_dim, bias=bias), q_noise, qn_block_size)
         self.out_proj = quant_noise(nn.Linear(embed_dim, embed_dim, bias=bias), q_noise, qn_block_size)
-        self.feature_map = build_feature_map(options.feature_map, num_heads, self.head_dim, options.feature_size)
+        self.feature_map = build_feature_map(
+            options.feature_map, num_heads, self.head_dim, options.feature_size, options.feature_map_lr_scale
+        )
         self._fused_cache: Dict[str, Tuple[tuple, "_FusedProjection"]] = {}
         # False: generation takes the training-time path (separate q/k/v and feature-map matmuls, out-of-place
         # state update); the benchmark's --compare-unfused times both in one run.
         self.fast_generation = True
+        # True: compute the softmax attention this layer replaced (same projections), for calibrating the
+        # feature maps on the inputs the teacher's layers see (t2r_fairseq.calibration). Whole sequences only.
+        self.softmax_teacher_mode = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -281,6 +288,14 @@ class LinearMultiheadAttention(nn.Module):
             key_padding_mask = key_padding_mask.to(torch.bool)
         if need_head_weights:
             need_weights = True
+
+        if self.softmax_teacher_mode:
+            if incremental_state is not None:
+                raise ValueError("softmax_teacher_mode is for whole sequences, not incremental decoding")
+            key = query if key is None else key
+            q, k, v = self.project(query, key, key if value is None else value)
+            out = softmax_attention(q, k, v, key_padding_mask, causal=self.causal)
+            return self.out_proj(self._merge(out)), None
 
         if self.encoder_decoder_attention:
             return self._cross_attention(query, key, key_padding_mask, incremental_state, need_weights, need_head_weights)

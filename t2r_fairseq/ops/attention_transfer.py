@@ -96,3 +96,14 @@ def attention_kl(teacher_weights: Tensor, student_weights: Tensor, query_mask: O
     log_s = student_weights.float().clamp_min(MIN_STUDENT_WEIGHT).log()
     kl = (torch.xlogy(t, t) - t * log_s).sum(dim=-1)  # [B, H, T]
     return _masked_mean(kl.mean(dim=1), query_mask)
+
+
+def attention_entropy(weights: Tensor, query_mask: Optional[Tensor] = None) -> Tensor:
+    """Mean entropy (nats) of attention rows ``[B, H, T, S]`` over heads and real queries.
+
+    How sharp an attention is: 0 when every query looks at one key, ``log n`` when
+    it spreads evenly over ``n`` allowed keys. A swapped model whose entropy sits
+    far above its teacher's averages over the source instead of aligning to it.
+    """
+    h = -torch.xlogy(weights.float(), weights.float()).sum(dim=-1)  # [B, H, T]
+    return _masked_mean(h.mean(dim=1), query_mask)
