@@ -1,0 +1,286 @@
+"""Hybrid sliding-window attention (``--sliding-window W``): softmax over the last W keys + linear over older ones.
+
+The math: chunkwise == step-by-step recurrence == naive O(L^2) oracle, its two limits (W = 0 is linear attention,
+W >= L is softmax attention), padding, state carry, gradients. Then the module and the models built with the option:
+incremental == full forward, beam reorder, constant state, the swap, and the CLIs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from t2r_fairseq.modules.feature_maps import build_feature_map
+from t2r_fairseq.ops.linear_attention import causal_linear_attention, linear_attention_step
+from t2r_fairseq.ops.sliding_window import (
+    SlidingWindowState,
+    naive_sliding_window_attention,
+    recurrent_sliding_window_attention,
+    sliding_window_attention,
+    sliding_window_step,
+)
+
+B, H, D_HEAD = 3, 2, 8
+
+
+def _inputs(L: int, seed: int = 0, feature_map: str = "t2r", dtype: torch.dtype = torch.float32):
+    """Scaled raw q, raw k, v, phi(q) and the key map of a random per-head feature map."""
+    torch.manual_seed(seed)
+    fmap = build_feature_map(feature_map, H, D_HEAD, feature_size=6)
+    q = (torch.randn(B, H, L, D_HEAD) * 2 * D_HEAD**-0.5).to(dtype)  # sharper than unit scores
+    k = torch.randn(B, H, L, D_HEAD).to(dtype)
+    v = torch.randn(B, H, L, D_HEAD).to(dtype)
+    fmap = fmap.to(dtype)
+    with torch.no_grad():
+        phi_q = fmap(q, is_query=True)
+
+    def key_map(x: torch.Tensor) -> torch.Tensor:
+        return fmap(x, is_query=False)
+
+    return q, k, v, phi_q, key_map, fmap
+
+
+def _padding(kind: str, L: int) -> torch.Tensor | None:
+    if kind == "none":
+        return None
+    lengths = torch.tensor([L, L - 3, L - 6])
+    pos = torch.arange(L)
+    if kind == "right":
+        return pos[None, :] >= lengths[:, None]
+    return pos[None, :] < (L - lengths)[:, None]  # left
+
+
+GAMMA = torch.sigmoid(torch.tensor([-2.0, 0.7]))  # per head
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> None:
+    torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+# -- the three forms ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+@pytest.mark.parametrize("window", [1, 3, 8])
+@pytest.mark.parametrize("L,chunk", [(13, 4), (13, 64), (16, 8), (9, 1)])
+@torch.no_grad()
+def test_chunkwise_equals_recurrent_equals_naive(padding: str, window: int, L: int, chunk: int) -> None:
+    q, k, v, phi_q, key_map, _ = _inputs(L)
+    mask = _padding(padding, L)
+    naive = naive_sliding_window_attention(q, k, v, phi_q, GAMMA, key_map, window, mask)
+    chunked, _ = sliding_window_attention(q, k, v, phi_q, GAMMA, key_map, window, mask, chunk_size=chunk)
+    stepped, _ = recurrent_sliding_window_attention(q, k, v, phi_q, GAMMA, key_map, window, mask)
+    _close(chunked, naive)
+    _close(stepped, naive)
+
+
+@pytest.mark.parametrize("feature_map", ["elu", "performer", "hedgehog"])
+@torch.no_grad()
+def test_forms_agree_for_other_feature_maps(feature_map: str) -> None:
+    q, k, v, phi_q, key_map, _ = _inputs(17, feature_map=feature_map)
+    mask = _padding("left", 17)
+    naive = naive_sliding_window_attention(q, k, v, phi_q, GAMMA, key_map, 4, mask)
+    _close(sliding_window_attention(q, k, v, phi_q, GAMMA, key_map, 4, mask, chunk_size=5)[0], naive)
+    _close(recurrent_sliding_window_attention(q, k, v, phi_q, GAMMA, key_map, 4, mask)[0], naive)
+
+
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+@pytest.mark.parametrize("chunk", [4, 64])
+@torch.no_grad()
+def test_window_zero_is_linear_attention(padding: str, chunk: int) -> None:
+    L = 15
+    q, k, v, phi_q, key_map, _ = _inputs(L)
+    mask = _padding(padding, L)
+    linear, _ = causal_linear_attention(phi_q, key_map(k), v, mask, chunk_size=chunk, backend="torch")
+    hybrid, _ = sliding_window_attention(q, k, v, phi_q, GAMMA, key_map, 0, mask, chunk_size=chunk)
+    assert torch.equal(hybrid, linear)  # the same computation: the window adds nothing, the eps floor is the same
+    stepped, state = recurrent_sliding_window_attention(q, k, v, phi_q, GAMMA, key_map, 0, mask)
+    _close(stepped, linear)
+    assert state.keys.size(2) == 0  # no window slots at all
+    # and step for step against the linear recurrence
+    lin_state = None
+    for t in range(L):
+        m = mask[:, t] if mask is not None else None
+        o, lin_state = linear_attention_step(phi_q[:, :, t], key_map(k[:, :, t : t + 1])[:, :, 0], v[:, :, t], lin_state, m)
+        _close(stepped[:, :, t], o)
+    _close(state.S, lin_state.S)
+
+
+def _softmax_attention(q, k, v, mask):
+    L = q.size(2)
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    allowed = torch.ones(L, L, dtype=torch.bool).tril()
+    if mask is not None:
+        allowed = allowed & ~mask[:, None, None, :]
+    return torch.matmul(torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1), v)
+
+
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+@pytest.mark.parametrize("logit", [-12.0, -2.0, 0.0, 5.0])
+@torch.no_grad()
+def test_window_covering_the_sequence_is_softmax_attention(padding: str, logit: float) -> None:
+    """W >= L: every key is in the window, the linear part is empty, gamma cancels -- whatever gamma."""
+    L = 14
+    q, k, v, phi_q, key_map, _ = _inputs(L)
+    mask = _padding(padding, L)
+    ref = _softmax_attention(q, k, v, mask)
+    keep = torch.ones(B, 1, L, 1, dtype=torch.bool) if mask is None else ~mask[:, None, :, None]
+    keep = keep.expand_as(ref)  # fully padded query rows are NaN for softmax, 0 here
+    gamma = torch.sigmoid(torch.full((H,), logit))
+    for window in (L, L + 5):
+        for out in (
+            sliding_window_attention(q, k, v, phi_q, gamma, key_map, window, mask, chunk_size=4)[0],
+            recurrent_sliding_window_attention(q, k, v, phi_q, gamma, key_map, window, mask)[0],
+            naive_sliding_window_attention(q, k, v, phi_q, gamma, key_map, window, mask),
+        ):
+            _close(out[keep], ref[keep])
+            assert torch.isfinite(out).all()
+
+
+@torch.no_grad()
+def test_gamma_weighs_the_window_against_the_linear_part() -> None:
+    """The formula by hand for one query: gamma scales exp(score - max) of the window keys only."""
+    q, k, v, phi_q, key_map, _ = _inputs(6)
+    W, i, b, h = 2, 5, 0, 1
+    s = q[b, h, i] @ k[b, h, i - W + 1 : i + 1].T
+    win = GAMMA[h] * torch.exp(s - s.max())
+    lin = key_map(k)[b, h, : i - W + 1] @ phi_q[b, h, i]
+    expected = (win @ v[b, h, i - W + 1 : i + 1] + lin @ v[b, h, : i - W + 1]) / (win.sum() + lin.sum())
+    out, _ = sliding_window_attention(q, k, v, phi_q, GAMMA, key_map, W)
+    _close(out[b, h, i], expected)
+
+
+@torch.no_grad()
+def test_padded_keys_contribute_nothing() -> None:
+    L = 19
+    q, k, v, phi_q, key_map, _ = _inputs(L)
+    mask = _padding("left", L)
+    out, _ = sliding_window_attention(q, k, v, phi_q, GAMMA, key_map, 4, mask, chunk_size=4)
+    k2, v2 = k.clone(), v.clone()
+    k2[mask[:, None, :, None].expand_as(k2)] = 7.0
+    v2[mask[:, None, :, None].expand_as(v2)] = -9.0
+    keep = ~mask[:, None, :, None].expand_as(out)
+    out2, _ = sliding_window_attention(q, k2, v2, phi_q, GAMMA, key_map, 4, mask, chunk_size=4)
+    step2, _ = recurrent_sliding_window_attention(q, k2, v2, phi_q, GAMMA, key_map, 4, mask)
+    _close(out2[keep], out[keep], 0)
+    _close(step2[keep], out[keep])
+
+
+@pytest.mark.parametrize("window", [3, 8])
+@pytest.mark.parametrize("chunk", [4, 64])
+@torch.no_grad()
+def test_state_carries_across_calls(window: int, chunk: int) -> None:
+    """A prompt in parallel form, continued in parallel form and by single steps, equals one pass; the state
+    is the W-slot ring buffer + (S, z) whatever the length."""
+    L, cut = 23, 10
+    q, k, v, phi_q, key_map, _ = _inputs(L)
+    mask = _padding("left", L)
+    args = (GAMMA, key_map, window)
+    full, full_state = sliding_window_attention(q, k, v, phi_q, *args, mask, chunk_size=chunk, output_final_state=True)
+    first, state = sliding_window_attention(
+        q[..., :cut, :], k[..., :cut, :], v[..., :cut, :], phi_q[..., :cut, :], *args, mask[:, :cut],
+        chunk_size=chunk, output_final_state=True,
+    )
+    second, state2 = sliding_window_attention(
+        q[..., cut:, :], k[..., cut:, :], v[..., cut:, :], phi_q[..., cut:, :], *args, mask[:, cut:],
+        chunk_size=chunk, initial_state=state, output_final_state=True,
+    )
+    _close(torch.cat([first, second], dim=2), full)
+    for a, b in zip(state2, full_state):
+        _close(a, b, 0) if a.dtype in (torch.bool, torch.long) else _close(a, b)
+    stepped, step_state = recurrent_sliding_window_attention(
+        q[..., cut:, :], k[..., cut:, :], v[..., cut:, :], phi_q[..., cut:, :], *args, mask[:, cut:], initial_state=state
+    )
+    _close(stepped, second)
+    for a, b in zip(step_state, full_state):
+        assert a.shape == b.shape
+        _close(a, b, 0) if a.dtype in (torch.bool, torch.long) else _close(a, b)
+    assert full_state.keys.shape == (B, H, window, D_HEAD) and full_state.S.shape == (B, H, 6, D_HEAD)
+    assert int(full_state.pos[0]) == L
+
+
+@torch.no_grad()
+def test_inplace_step_equals_out_of_place_and_reuses_the_state() -> None:
+    q, k, v, phi_q, key_map, _ = _inputs(9)
+    mask = _padding("left", 9)
+    _, state = sliding_window_attention(q[..., :3, :], k[..., :3, :], v[..., :3, :], phi_q[..., :3, :], GAMMA, key_map,
+                                        4, mask[:, :3], output_final_state=True)
+    ref = SlidingWindowState(*(t.clone() for t in state))
+    kept = list(state)
+    for t in range(3, 9):
+        args = (q[:, :, t], k[:, :, t], v[:, :, t], phi_q[:, :, t], GAMMA, key_map, 4)
+        out, state = sliding_window_step(*args, state, mask[:, t], inplace=True)
+        expected, ref = sliding_window_step(*args, ref, mask[:, t])
+        _close(out, expected, 0)
+    assert all(a is b for a, b in zip(state, kept))  # updated where it lives
+    for a, b in zip(state, ref):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("window", [2, 5])
+def test_gradients_match_the_oracle(window: int) -> None:
+    """Gradients w.r.t. q, k, v, the feature map and the gamma logits: chunkwise == recurrent == naive."""
+    L = 11
+    q0, k0, v0, _, _, fmap = _inputs(L)
+    mask = _padding("right", L)
+    logits = torch.tensor([-2.0, 0.5])
+
+    def grads(form: str):
+        fm = build_feature_map("t2r", H, D_HEAD, 6)
+        fm.load_state_dict(fmap.state_dict())
+        q, k, v, lg = (t.clone().requires_grad_() for t in (q0, k0, v0, logits))
+        args = (q, k, v, fm(q, True), torch.sigmoid(lg), lambda x: fm(x, False), window, mask)
+        if form == "naive":
+            out = naive_sliding_window_attention(*args)
+        elif form == "chunk":
+            out = sliding_window_attention(*args, chunk_size=4)[0]
+        else:
+            out = recurrent_sliding_window_attention(*args)[0]
+        out.square().sum().backward()
+        return [q.grad, k.grad, v.grad, lg.grad, fm.weight.grad, fm.bias.grad]
+
+    ref = grads("naive")
+    assert all(torch.isfinite(g).all() for g in ref) and ref[3].abs().min() > 0
+    for form in ("chunk", "step"):
+        for a, b in zip(grads(form), ref):
+            _close(a, b, 1e-4)
+
+
+def test_bf16_inputs_close_to_fp32() -> None:
+    q, k, v, phi_q, key_map, fmap = _inputs(70)
+    ref, _ = sliding_window_attention(q, k, v, phi_q, GAMMA, key_map, 8, chunk_size=16)
+    fb = build_feature_map("t2r", H, D_HEAD, 6)
+    fb.load_state_dict(fmap.state_dict())
+    fb = fb.bfloat16()
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    with torch.no_grad():
+        pqb = fb(qb, True)
+        out, state = sliding_window_attention(qb, kb, vb, pqb, GAMMA, lambda x: fb(x, False), 8, chunk_size=16,
+                                              output_final_state=True)
+        stepped, _ = recurrent_sliding_window_attention(qb, kb, vb, pqb, GAMMA, lambda x: fb(x, False), 8)
+    assert out.dtype == torch.bfloat16 and state.S.dtype == torch.float32 and state.keys.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(stepped.float(), ref, atol=5e-2, rtol=5e-2)
+
+
+def test_chunkwise_memory_is_linear_in_length() -> None:
+    """The largest tensor autograd saves is O(L (W + C)), never L x L."""
+    L, W, chunk = 1024, 16, 16
+    fm = build_feature_map("t2r", 1, 4, 4)
+    q, k, v = (torch.rand(1, 1, L, 4, requires_grad=True) for _ in range(3))
+    sizes: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+        out, _ = sliding_window_attention(q, k, v, fm(q, True), 0.3, lambda x: fm(x, False), W, chunk_size=chunk)
+    assert max(sizes) <= 4 * L * (W + chunk)
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_bad_window_and_mismatched_state_are_refused() -> None:
+    q, k, v, phi_q, key_map, _ = _inputs(5)
+    with pytest.raises(ValueError, match="sliding window must be >= 0, got -1"):
+        sliding_window_attention(q, k, v, phi_q, GAMMA, key_map, -1)
+    with torch.no_grad():
+        _, state = sliding_window_attention(q, k, v, phi_q, GAMMA, key_map, 3, output_final_state=True)
+    with pytest.raises(ValueError, match="state holds 3 window slots but window=4"):
+        sliding_window_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], phi_q[:, :, 0], GAMMA, key_map, 4, state)
