@@ -26,8 +26,9 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-# Parameters and buffers that exist only in the linear-attention model.
-NEW_TENSOR_PATTERN = re.compile(r"(^|\.)feature_map\.")
+# Parameters and buffers that exist only in the linear-attention model: the feature maps, and the per-head
+# window factor of the sliding-window hybrid (--sliding-window).
+NEW_TENSOR_PATTERN = re.compile(r"(^|\.)(feature_map\.|window_logit$)")
 
 
 class SwapError(ValueError):

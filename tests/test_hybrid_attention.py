@@ -284,3 +284,221 @@ def test_bad_window_and_mismatched_state_are_refused() -> None:
         _, state = sliding_window_attention(q, k, v, phi_q, GAMMA, key_map, 3, output_final_state=True)
     with pytest.raises(ValueError, match="state holds 3 window slots but window=4"):
         sliding_window_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], phi_q[:, :, 0], GAMMA, key_map, 4, state)
+
+
+# -- the module -------------------------------------------------------------------------------------------------
+
+from t2r_fairseq.modules.linear_multihead_attention import LinearAttentionOptions  # noqa: E402
+from t2r_fairseq.modules.sliding_window_attention import SlidingWindowAttention  # noqa: E402
+from t2r_fairseq.swap import plan_swap  # noqa: E402
+
+from helpers import build_lm, build_mt, random_tokens  # noqa: E402
+
+WINDOW = ["--sliding-window", "4", "--feature-size", "8", "--linear-chunk-size", "3"]
+
+
+def _module(feature_map: str = "t2r", window: int = 3, chunk: int = 3) -> SlidingWindowAttention:
+    torch.manual_seed(0)
+    attn = SlidingWindowAttention(16, 4, LinearAttentionOptions(feature_map=feature_map, feature_size=5, chunk_size=chunk),
+                                  window=window).eval()
+    with torch.no_grad():  # non-zero biases and distinct gammas, so every term is exercised
+        for p in attn.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return attn
+
+
+@pytest.mark.parametrize("prompt", [1, 2, 6])
+@pytest.mark.parametrize("feature_map", ["t2r", "performer"])
+def test_module_prefill_then_steps_equals_full(prompt: int, feature_map: str) -> None:
+    """A left-padded prompt in one incremental call (parallel form + state), then single steps."""
+    attn = _module(feature_map)
+    x = torch.randn(10, 2, 16)
+    pad = torch.zeros(2, 10, dtype=torch.bool)
+    pad[1, :2] = True
+    with torch.no_grad():
+        full, _ = attn(x, x, x, key_padding_mask=pad)
+        state: dict = {}
+        first, _ = attn(x[:prompt], x[:prompt], x[:prompt], key_padding_mask=pad[:, :prompt], incremental_state=state)
+        rest = [attn(x[t : t + 1], x[t : t + 1], x[t : t + 1], key_padding_mask=pad[:, : t + 1], incremental_state=state)[0]
+                for t in range(prompt, 10)]
+    keep = ~pad.t()
+    _close(torch.cat([first, *rest])[keep], full[keep])
+
+
+def test_module_generation_path_equals_autograd_path_and_does_not_fold_the_map() -> None:
+    """Generation (eval, no grad): one fused q/k/v matmul without the feature map folded in, state updated in
+    place; with autograd on: the plain projections, out of place. Same outputs and state."""
+    attn = _module()
+    x = torch.randn(8, 3, 16)
+
+    def steps(grad: bool):
+        state: dict = {}
+        outs = []
+        with torch.set_grad_enabled(grad):
+            for t in range(8):
+                step = x[t : t + 1]
+                outs.append(attn(step, step, step, incremental_state=state)[0])
+        (buf,) = state.values()
+        return torch.cat(outs).detach(), {k: v.detach() for k, v in buf.items()}
+
+    fused, fused_state = steps(False)
+    (_, cached), = attn._fused_cache.values()
+    assert not cached.folded and cached.sizes == [16, 16, 16]
+    plain, plain_state = steps(True)
+    _close(fused, plain)
+    for name, value in fused_state.items():
+        _close(value, plain_state[name])
+    full, _ = attn(x, x, x)
+    _close(fused, full.detach())
+
+
+def test_module_mix_needs_raw_q_and_k() -> None:
+    attn = _module()
+    q, k, v = attn.project(*(torch.randn(5, 2, 16),) * 3)
+    phi_q, phi_k = attn.feature_map(q, True), attn.feature_map(k, False)
+    with pytest.raises(ValueError, match="needs the raw q and k"):
+        attn.mix(phi_q, phi_k, v)
+    weights = attn.attention_weights(phi_q, phi_k, q=q, k=k)
+    _close(torch.matmul(weights, v), attn.mix(phi_q, phi_k, v, q=q, k=k))
+    _close(weights.sum(-1), torch.ones(2, 4, 5))
+
+
+@pytest.mark.parametrize("loss", ["output_mse", "attention_ce"])
+def test_attention_transfer_sees_the_window(loss: str) -> None:
+    """Attention transfer scores the hybrid itself: zero against softmax when the window covers the sequence."""
+    from t2r_fairseq.criterions.attention_transfer import AttentionTransferCriterion
+    from t2r_fairseq.modules.softmax_teacher import SoftmaxAttentionTeacher
+
+    crit = AttentionTransferCriterion(None, sentence_avg=False, label_smoothing=0.0, transfer_loss=loss)
+    x = torch.randn(9, 2, 16)
+    call = {"query": x, "key": x, "value": x, "key_padding_mask": None}
+    losses = {}
+    for window in (3, 9):
+        attn = _module(window=window)
+        losses[window] = crit.layer_loss(attn, SoftmaxAttentionTeacher.from_student(attn), call).item()
+    assert abs(losses[9]) < 1e-5 and losses[3] > 1e-3, losses
+
+
+# -- the models ------------------------------------------------------------------------------------------------
+
+
+def _decode(decoder, tokens, encoder_out=None, state=None, start=0):
+    state = {} if state is None else state
+    steps = []
+    for t in range(start, tokens.size(1)):
+        out, _ = decoder(tokens[:, : t + 1], encoder_out=encoder_out, incremental_state=state)
+        steps.append(out[:, -1])
+    return torch.stack(steps, dim=1), state
+
+
+def _mt_batch(task, batch=3, src_len=9, tgt_len=11):
+    src = random_tokens(task.source_dictionary, batch, src_len, seed=1)
+    src[1, :3] = task.source_dictionary.pad()
+    src[2, :5] = task.source_dictionary.pad()
+    prev = random_tokens(task.target_dictionary, batch, tgt_len, seed=2)
+    prev[:, 0] = task.target_dictionary.eos()
+    return src, src.ne(task.source_dictionary.pad()).sum(1), prev
+
+
+def _model(kind: str, tmp_path, extra=()):
+    if kind == "lm":
+        _, task, model = build_lm(tmp_path, extra=[*WINDOW, *extra])
+        tokens, enc = random_tokens(task.dictionary, batch=3, length=11), None
+    else:
+        _, task, model = build_mt(tmp_path, extra=[*WINDOW, *extra])
+        src, lengths, tokens = _mt_batch(task)
+        enc = model.encoder(src, lengths)
+    return model, tokens, enc
+
+
+@pytest.mark.parametrize("kind", ["lm", "mt"])
+@torch.no_grad()
+def test_incremental_equals_full_forward(tmp_path, kind):
+    model, tokens, enc = _model(kind, tmp_path)
+    assert all(isinstance(layer.self_attn, SlidingWindowAttention) and layer.self_attn.window == 4
+               for layer in model.decoder.layers)
+    if kind == "mt":  # cross-attention and the encoder are untouched by the option
+        assert not any(isinstance(m, SlidingWindowAttention) for n, m in model.named_modules() if "encoder" in n)
+    full, _ = model.decoder(tokens, encoder_out=enc)
+    inc, _ = _decode(model.decoder, tokens, enc)
+    assert (full - inc).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["lm", "mt"])
+@torch.no_grad()
+def test_beam_reorder_includes_the_ring_buffer(tmp_path, kind):
+    """Decode 6 steps (past the window), reorder as beam search does, continue: equals the full forward of the
+    reordered prefixes."""
+    model, tokens, enc = _model(kind, tmp_path)
+    order = torch.tensor([2, 0, 0])
+    _, state = _decode(model.decoder, tokens[:, :6], enc)
+    model.decoder.reorder_incremental_state_scripting(state, order)
+    new_tokens = tokens[order].clone()
+    new_tokens[:, 6:] = tokens[:, 6:]  # different continuations after the reorder
+    new_enc = model.encoder.reorder_encoder_out(enc, order) if enc is not None else None
+    inc, _ = _decode(model.decoder, new_tokens, new_enc, state, start=6)
+    full, _ = model.decoder(new_tokens, encoder_out=new_enc)
+    assert (full[:, 6:] - inc).abs().max().item() <= 1e-5
+
+
+@torch.no_grad()
+def test_decode_state_is_constant_size(tmp_path):
+    """Per layer: the W-slot ring buffer (keys, values, validity), the position counter and (S, z)."""
+    model, tokens, _ = _model("lm", tmp_path)
+    tokens = torch.cat([tokens] * 3, dim=1)  # 33 tokens
+
+    def state_numel(n):
+        _, state = _decode(model.decoder, tokens[:, :n])
+        return sum(t.numel() for buf in state.values() for t in buf.values() if t is not None)
+
+    layers, batch, heads, head_dim, W, K = 2, 3, 4, 8, 4, 8
+    per_layer = batch * heads * (2 * W * head_dim + K * head_dim + K) + batch * W + batch
+    assert state_numel(2) == state_numel(5) == state_numel(33) == layers * per_layer
+
+
+@pytest.mark.parametrize("kind", ["lm", "mt"])
+def test_swap_reuses_every_teacher_tensor_and_adds_the_window_factor(tmp_path, kind, caplog):
+    builder, teacher_arch = (build_lm, "transformer_lm") if kind == "lm" else (build_mt, "transformer")
+    _, _, teacher = builder(tmp_path / "t", arch=teacher_arch, seed=1)
+    _, _, student = builder(tmp_path / "s", extra=WINDOW, seed=2)
+    own = student.state_dict()
+    new = {k: v.clone() for k, v in own.items() if k not in teacher.state_dict()}
+    assert {k for k in new if k.endswith("window_logit")} == {f"decoder.layers.{i}.self_attn.window_logit" for i in (0, 1)}
+    assert all(".feature_map." in k or k.endswith(".self_attn.window_logit") for k in new)
+    with caplog.at_level("INFO"):
+        student.load_state_dict({k: v.clone() for k, v in teacher.state_dict().items()}, strict=True)
+    state = student.state_dict()
+    for name, tensor in teacher.state_dict().items():
+        assert torch.equal(state[name], tensor), name
+    for name, tensor in new.items():
+        assert torch.equal(state[name], tensor), name
+    torch.testing.assert_close(state["decoder.layers.0.self_attn.window_logit"], torch.full((4,), -2.0))
+    (summary,) = [r.getMessage() for r in caplog.records if "T2R swap" in r.getMessage()]
+    assert f"new {len(new)} tensors" in summary and "self_attn.window_logit x2" in summary and "dropped 0" in summary
+
+
+def test_a_pure_t2r_checkpoint_swaps_into_the_hybrid(tmp_path):
+    """Only window_logit is missing: a T2R model becomes a hybrid with every trained tensor kept."""
+    _, _, t2r = build_lm(tmp_path / "a", extra=["--feature-size", "8"], seed=1)
+    _, _, hybrid = build_lm(tmp_path / "b", extra=WINDOW, seed=2)
+    plan = plan_swap(hybrid.state_dict(), t2r.state_dict())
+    assert sorted(plan.new) == [f"decoder.layers.{i}.self_attn.window_logit" for i in (0, 1)] and not plan.dropped
+
+
+def test_trainable_attention_trains_the_window_factor(tmp_path):
+    _, _, model = build_lm(tmp_path, extra=[*WINDOW, "--trainable", "attention"])
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "decoder.layers.0.self_attn.window_logit" in trained and "decoder.layers.0.fc1.weight" not in trained
+
+
+def test_negative_window_is_refused_at_build(tmp_path):
+    with pytest.raises(ValueError, match=r"--sliding-window must be an integer >= 0 .*got -2"):
+        build_lm(tmp_path, extra=["--sliding-window", "-2"])
+
+
+def test_window_zero_builds_the_plain_linear_attention(tmp_path):
+    from t2r_fairseq.modules.linear_multihead_attention import LinearMultiheadAttention
+
+    _, _, model = build_lm(tmp_path, extra=["--sliding-window", "0"])
+    assert all(type(layer.self_attn) is LinearMultiheadAttention for layer in model.decoder.layers)
+    assert not [k for k in model.state_dict() if "window" in k]

@@ -272,6 +272,7 @@ def sliding_window_step(
     if state is None:
         state = empty_sliding_window_state(B, H, W, d, D, phi_q.size(-1), k)
         inplace = False  # fresh tensors: nothing to save, but keep one code path
+    inplace = inplace and all(t.is_contiguous() for t in state)
     new_valid = (
         ~key_padding_mask.to(torch.bool).view(B) if key_padding_mask is not None
         else torch.ones(B, dtype=torch.bool, device=q.device)
