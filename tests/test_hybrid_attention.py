@@ -502,3 +502,48 @@ def test_window_zero_builds_the_plain_linear_attention(tmp_path):
     _, _, model = build_lm(tmp_path, extra=["--sliding-window", "0"])
     assert all(type(layer.self_attn) is LinearMultiheadAttention for layer in model.decoder.layers)
     assert not [k for k in model.state_dict() if "window" in k]
+
+
+# -- through fairseq's CLIs (the tiny corpora and teachers of conftest.py) -----------------------------------------
+
+import re  # noqa: E402
+
+from helpers import LM_TASK, MT_TASK, TRAIN, USER_DIR, run  # noqa: E402
+
+
+def test_cli_mt_swap_finetune_then_generate(work, tmp_path):
+    save = tmp_path / "mt-hybrid"
+    proc = run("fairseq-train", work / "bin-mt", "--user-dir", USER_DIR, *MT_TASK, "--arch", "t2r_transformer",
+               "--feature-size", "8", "--sliding-window", "4", *TRAIN, "--max-update", "10", "--save-dir", save,
+               "--finetune-from-model", work / "mt-teacher" / "checkpoint_last.pt")
+    (line,) = [l for l in (proc.stdout + proc.stderr).splitlines() if "T2R swap:" in l]
+    assert "decoder.layers.*.self_attn.window_logit x2" in line and "dropped 0" in line, line
+    gen = run("fairseq-generate", work / "bin-mt", "--user-dir", USER_DIR, "--path", save / "checkpoint_last.pt",
+              "--beam", "4", "--scoring", "sacrebleu", "--cpu", "--max-tokens", "2048")
+    out = gen.stdout + gen.stderr
+    assert re.search(r"Generate test with beam=4: BLEU = [\d.]+", out), out[-2000:]
+    n_src = len(re.findall(r"^S-\d+", gen.stdout, flags=re.M))
+    assert n_src > 0 and len(re.findall(r"^H-\d+", gen.stdout, flags=re.M)) == n_src
+
+
+def test_cli_lm_swap_finetune_then_eval_lm(work, tmp_path):
+    save = tmp_path / "lm-hybrid"
+    proc = run("fairseq-train", work / "bin-lm", "--user-dir", USER_DIR, *LM_TASK, "--arch", "t2r_transformer_lm",
+               "--feature-size", "8", "--sliding-window", "8", *TRAIN, "--max-update", "5", "--save-dir", save,
+               "--finetune-from-model", work / "lm-teacher" / "checkpoint_last.pt")
+    assert "self_attn.window_logit x2" in proc.stdout + proc.stderr
+    ev = run("fairseq-eval-lm", work / "bin-lm", "--user-dir", USER_DIR, "--path", save / "checkpoint_last.pt",
+             "--cpu", "--tokens-per-sample", "64", "--max-tokens", "2048")
+    ppl = float(re.search(r"Perplexity: ([\d.]+)", ev.stdout + ev.stderr).group(1))
+    assert 1 < ppl < 1e3
+
+
+def test_cli_negative_window_fails_before_anything_is_written(work, tmp_path):
+    save = tmp_path / "err-window"
+    proc = run("fairseq-train", work / "bin-lm", "--user-dir", USER_DIR, *LM_TASK, "--arch", "t2r_transformer_lm",
+               "--sliding-window", "-3", *TRAIN, "--max-update", "2", "--save-dir", save,
+               "--finetune-from-model", work / "lm-teacher" / "checkpoint_last.pt", ok=False)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "--sliding-window must be an integer >= 0" in last and "got -3" in last, proc.stderr[-2000:]
+    assert not list(save.glob("*.pt")) and "num_updates" not in proc.stdout + proc.stderr
