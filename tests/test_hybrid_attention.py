@@ -547,3 +547,31 @@ def test_cli_negative_window_fails_before_anything_is_written(work, tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert "--sliding-window must be an integer >= 0" in last and "got -3" in last, proc.stderr[-2000:]
     assert not list(save.glob("*.pt")) and "num_updates" not in proc.stdout + proc.stderr
+
+
+# -- benchmark rows ------------------------------------------------------------------------------------------------
+
+
+def test_bench_tiny_hybrid_rows(tmp_path):
+    from t2r_fairseq import bench
+
+    res = bench.main(["--tiny", "--out", str(tmp_path), "--threads", "1", "--tasks", "lm", "--batches", "1",
+                      "--sliding-window", "4", "--train-lengths", "64", "--chunk-sweep", "16"])
+    rows = {(r["model"], r["context"]): r for r in res["decode"]}
+    layers, heads, dim, W = 2, 4, 32, 4
+    ring = layers * (2 * W * dim * 4 + W * 1 + 8)  # keys + values fp32, validity flags, position counter
+    for ctx in (8, 32):
+        assert rows[("t2r_hybrid_w4", ctx)]["state_bytes"] == rows[("t2r", ctx)]["state_bytes"] + ring
+        assert rows[("t2r_hybrid_w4", ctx)]["median_ms"] > 0
+    assert "lm_b1_t2r_hybrid_w4_step_over_t2r_ctx32" in res["summary"]
+    assert any(r["variant"] == "hybrid_w4" and r["saved_activation_bytes"] > 0 for r in res["train"])
+    assert "| lm | t2r_hybrid_w4 | 1 | 32 |" in (tmp_path / "results.md").read_text()
+
+
+def test_bench_refuses_a_negative_window(tmp_path, capsys):
+    from t2r_fairseq import bench
+
+    with pytest.raises(SystemExit) as err:
+        bench.main(["--tiny", "--out", str(tmp_path / "out"), "--sliding-window", "-1"])
+    assert err.value.code == 2 and "--sliding-window must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
