@@ -575,3 +575,12 @@ def test_bench_refuses_a_negative_window(tmp_path, capsys):
         bench.main(["--tiny", "--out", str(tmp_path / "out"), "--sliding-window", "-1"])
     assert err.value.code == 2 and "--sliding-window must be >= 0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_hybrid_checkpoint_into_a_model_without_window_is_refused_clearly(tmp_path):
+    from t2r_fairseq.swap import SwapError
+
+    _, _, hybrid = build_lm(tmp_path / "a", extra=WINDOW)
+    _, _, t2r = build_lm(tmp_path / "b", extra=["--feature-size", "8"])
+    with pytest.raises(SwapError, match=r"'decoder\.layers\.0\.self_attn\.window_logit' is the window factor .* --sliding-window"):
+        t2r.load_state_dict(hybrid.state_dict())

@@ -97,6 +97,9 @@ class SlidingWindowAttention(LinearMultiheadAttention):
         them directly; ``phi_k`` is unused (keys are mapped as they leave the window)."""
         if q is None or k is None:
             raise ValueError("sliding-window attention needs the raw q and k (mix(..., q=q, k=k)) for its window")
+        return self._whole_sequence(q, k, v, phi_q, key_padding_mask)
+
+    def _whole_sequence(self, q: Tensor, k: Tensor, v: Tensor, phi_q: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
         out, _ = sliding_window_attention(
             q, k, v, phi_q, self.gamma, self._key_map, self.window, key_padding_mask,
             chunk_size=self.options.chunk_size, eps=self.options.eps,
@@ -143,7 +146,7 @@ class SlidingWindowAttention(LinearMultiheadAttention):
         if incremental_state is not None:
             out = self._window_incremental(q, k, v, phi_q, key_padding_mask, incremental_state)
         else:
-            out = self.mix(phi_q, phi_q, v, key_padding_mask, q=q, k=k)
+            out = self._whole_sequence(q, k, v, phi_q, key_padding_mask)
         return self.out_proj(self._merge(out)), None
 
     def _fused_raw_qkv(self, query: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
