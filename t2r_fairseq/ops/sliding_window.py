@@ -119,8 +119,8 @@ def _gamma(gamma: Tensor | float, heads: int, device: torch.device) -> Tensor:
 
 def _normalise(num: Tensor, den: Tensor, has_window: Tensor, eps: float) -> Tensor:
     """``num / den`` with the eps floor only where the window held no key (see the module docstring)."""
-    floor = torch.where(has_window, torch.full_like(den, _TINY), torch.full_like(den, eps))
-    return num / torch.maximum(den, floor).unsqueeze(-1)
+    floor = torch.where(has_window, _TINY, eps)
+    return num / torch.maximum(den, floor.to(den.dtype)).unsqueeze(-1)
 
 
 def _window_terms(scores: Tensor, allowed: Tensor, values: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
