@@ -26,8 +26,9 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-# Parameters and buffers that exist only in the linear-attention model.
-NEW_TENSOR_PATTERN = re.compile(r"(^|\.)feature_map\.")
+# Parameters and buffers that exist only in the linear-attention model: the feature maps, and the per-head
+# window factor of the sliding-window hybrid (--sliding-window).
+NEW_TENSOR_PATTERN = re.compile(r"(^|\.)(feature_map\.|window_logit$)")
 
 
 class SwapError(ValueError):
@@ -69,6 +70,12 @@ def plan_swap(model_state: Mapping[str, Tensor], checkpoint_state: Mapping[str, 
                 "(check --arch and the embedding/FFN/layer/head sizes)"
             )
         plan.reused.append(name)
+    window_factors = [name for name in plan.dropped if name.endswith("window_logit")]
+    if window_factors:
+        raise SwapError(
+            f"checkpoint tensor '{window_factors[0]}' is the window factor of a sliding-window hybrid, but this "
+            "model has no window: build it with the --sliding-window W the checkpoint was trained with"
+        )
     missing = [name for name in model_state if name not in checkpoint_state]
     if missing and all(NEW_TENSOR_PATTERN.search(name) for name in missing):
         plan.new = missing

@@ -11,7 +11,10 @@
    configuration (resident set on the CPU, allocator peak on CUDA);
 3. training: forward + backward of the attention core vs sequence length for
    chunkwise linear attention, SDPA softmax and the naive quadratic form (plus
-   fla's kernel where installed on CUDA), and a chunk-size sweep.
+   fla's kernel where installed on CUDA), and a chunk-size sweep;
+4. with ``--sliding-window W``: the hybrid (softmax over the last W positions
+   + linear attention over the rest) beside T2R in the decode and training
+   tables (model ``t2r_hybrid_wW``, variant ``hybrid_wW``).
 
 Each figure is the median of ``--repeats`` timed calls after ``--warmup``
 untimed ones, with the spread beside it. Output: ``results.md``,
@@ -78,6 +81,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--heads", type=int, default=8)
     g.add_argument("--vocab", type=int, default=32000)
     g.add_argument("--feature-size", type=int, default=32)
+    g.add_argument("--sliding-window", type=int, default=0, metavar="W",
+                   help="also time the hybrid sliding-window attention with a W-token window (decode rows "
+                        "t2r_hybrid_wW, training rows hybrid_wW); 0: no hybrid rows")
     g.add_argument("--compare-unfused", action="store_true",
                    help="also time T2R with generation's fast path off (separate q/k/v and feature-map "
                         "matmuls, out-of-place state update)")
@@ -112,6 +118,8 @@ def _check(ap: argparse.ArgumentParser, cfg: argparse.Namespace) -> None:
         ap.error(f"--dtype {cfg.dtype} is for CUDA; CPU runs are float32")
     if cfg.dim % cfg.heads:
         ap.error(f"--dim {cfg.dim} must be divisible by --heads {cfg.heads}")
+    if cfg.sliding_window < 0:
+        ap.error(f"--sliding-window must be >= 0 (0: no hybrid rows), got {cfg.sliding_window}")
     if cfg.repeats < 1 or cfg.warmup < 0:
         ap.error("--repeats must be >= 1 and --warmup >= 0")
 

@@ -12,6 +12,9 @@ Three models of the same size, built through fairseq's own argument parsing
   path switched off (``fast_generation = False``): separate q/k/v and per-head
   feature-map matmuls, and an out-of-place ``(S, z)`` update — the before/after
   of both optimisations in one run;
+* ``t2r_hybrid`` (with ``--sliding-window W``, rows named ``t2r_hybrid_wW``):
+  T2R whose decoder self-attention is the sliding-window hybrid; its state is a
+  ``W``-token KV ring buffer plus ``(S, z)`` (cross-attention as T2R);
 * ``no_attention``: the attention-free lower bound — the same model whose
   attention blocks keep their projections but mix no tokens and keep no state.
 
@@ -31,7 +34,12 @@ from torch import Tensor, nn
 
 from t2r_fairseq.bench.measure import peak_memory_mib, reset_peak_memory, timeit
 
-KINDS = ("no_attention", "t2r", "t2r_unfused", "softmax")
+KINDS = ("no_attention", "t2r", "t2r_unfused", "t2r_hybrid", "softmax")
+
+
+def model_label(kind: str, cfg: argparse.Namespace) -> str:
+    """The row's model name: the kind, with the window spelled out for the hybrid."""
+    return f"t2r_hybrid_w{cfg.sliding_window}" if kind == "t2r_hybrid" else kind
 
 
 class _MixingFreeAttention(nn.Module):
@@ -97,6 +105,8 @@ def build_model(task: str, kind: str, cfg: argparse.Namespace, max_positions: in
             "--max-target-positions", str(max_positions), "--share-decoder-input-output-embed", "--cpu"]
     if linear:
         argv += ["--feature-size", str(cfg.feature_size)]
+    if kind == "t2r_hybrid":
+        argv += ["--sliding-window", str(cfg.sliding_window)]
     args = options.parse_args_and_arch(options.get_training_parser(), argv)
     if task == "lm":
         fairseq_task = tasks.language_modeling.LanguageModelingTask(args, dictionary, dictionary)
@@ -123,7 +133,15 @@ def _attention_buffer(attn: nn.Module, kind: str, batch: int, length: int, devic
         return {"prev_key": torch.randn(shape, device=device, dtype=dtype),
                 "prev_value": torch.randn(shape, device=device, dtype=dtype), "prev_key_padding_mask": None}
     K = attn.feature_map.output_dim  # the linear state is fp32 whatever the model dtype
-    return {"S": torch.rand(batch, H, K, d, device=device), "z": torch.rand(batch, H, K, device=device) + 1.0}
+    linear = {"S": torch.rand(batch, H, K, d, device=device), "z": torch.rand(batch, H, K, device=device) + 1.0}
+    W = getattr(attn, "window", 0)
+    if not W:
+        return linear
+    # the hybrid's ring buffer after ``length`` positions: slot p % W holds position p
+    return {"window_keys": torch.randn(batch, H, W, d, device=device, dtype=dtype),
+            "window_values": torch.randn(batch, H, W, d, device=device, dtype=dtype),
+            "window_valid": (torch.arange(W, device=device) < length).expand(batch, W).contiguous(),
+            "window_pos": torch.full((batch,), length, dtype=torch.long, device=device), **linear}
 
 
 def prefill_state(model: nn.Module, kind: str, batch: int, context: int, source_length: int = 0) -> dict:
@@ -176,11 +194,11 @@ def bench_decode_model(task: str, kind: str, cfg: argparse.Namespace) -> List[di
                 model.decoder(tokens, encoder_out=encoder_out, incremental_state=state)
 
             t = timeit(step, cfg.warmup, cfg.repeats, device)
-            row = {"task": task, "model": kind, "batch": batch, "context": context, "source_length": source_length,
+            row = {"task": task, "model": model_label(kind, cfg), "batch": batch, "context": context, "source_length": source_length,
                    **t, "tokens_per_s": batch * 1000 / t["median_ms"], "state_bytes": state_bytes(base),
                    "peak_mem_mib": peak_memory_mib(device), "peak_is_per_row": own_peak}
             rows.append(row)
-            print(f"decode {task} {kind:>12} batch {batch:>3} context {context:>5}: {t['median_ms']:8.2f} ms/step "
+            print(f"decode {task} {row['model']:>12} batch {batch:>3} context {context:>5}: {t['median_ms']:8.2f} ms/step "
                   f"(spread {t['spread_ms']:.2f}), state {row['state_bytes'] / 2**20:9.2f} MiB, "
                   f"peak {row['peak_mem_mib']:.0f} MiB", flush=True)
             del base, encoder_out
@@ -195,7 +213,8 @@ def bench_decode(cfg: argparse.Namespace) -> List[dict]:
     are compared with the bound (T2R, the bound itself) run first.
     """
     rows: List[dict] = []
-    kinds = [k for k in KINDS if k != "softmax" and (k != "t2r_unfused" or cfg.compare_unfused)]
+    optional = {"t2r_unfused": cfg.compare_unfused, "t2r_hybrid": getattr(cfg, "sliding_window", 0) > 0}
+    kinds = [k for k in KINDS if k != "softmax" and optional.get(k, True)]
     order = [(t, k) for k in kinds for t in cfg.tasks] + [(t, "softmax") for t in cfg.tasks]
     for task, kind in order:
         rows += bench_decode_model(task, kind, cfg)

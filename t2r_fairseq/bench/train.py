@@ -8,6 +8,8 @@ Variants, on the same ``q, k, v: [B, H, L, d]``:
   ``is_causal=True`` (the fused softmax kernel torch picks for the device);
 * ``naive_quadratic``: the O(L^2) linear form (the original T2R code's), skipped
   above ``--naive-max-length``;
+* ``hybrid_wW`` (with ``--sliding-window W``): the sliding-window hybrid
+  (:func:`sliding_window_attention`, same feature map and chunk), O(L (W + C));
 * ``fla_chunk``: the same computation through fla's Triton kernel, only when
   the ``fla`` package and a CUDA device are present (see
   :mod:`t2r_fairseq.ops.fla_backend`).
@@ -44,6 +46,7 @@ def saved_activation_bytes(fn: Callable[[], torch.Tensor]) -> int:
 def _variants(cfg: argparse.Namespace, fmap: torch.nn.Module, device: torch.device) -> Dict[str, Callable]:
     from t2r_fairseq.ops import fla_backend
     from t2r_fairseq.ops.linear_attention import causal_linear_attention, naive_linear_attention
+    from t2r_fairseq.ops.sliding_window import sliding_window_attention
 
     def chunkwise(q, k, v, chunk: int = cfg.chunk_size):  # noqa: ANN001,ANN202
         return causal_linear_attention(fmap(q, True), fmap(k, False), v, chunk_size=chunk, backend="torch")[0]
@@ -53,6 +56,11 @@ def _variants(cfg: argparse.Namespace, fmap: torch.nn.Module, device: torch.devi
         "sdpa_softmax": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
         "naive_quadratic": lambda q, k, v: naive_linear_attention(fmap(q, True), fmap(k, False), v, causal=True),
     }
+    window = getattr(cfg, "sliding_window", 0)
+    if window:
+        gamma = torch.full((cfg.train_heads,), 0.12, device=device, requires_grad=True)
+        variants[f"hybrid_w{window}"] = lambda q, k, v: sliding_window_attention(
+            q, k, v, fmap(q, True), gamma, lambda x: fmap(x, False), window, chunk_size=cfg.chunk_size)[0]
     if fla_backend.available(device):
         variants["fla_chunk"] = lambda q, k, v: causal_linear_attention(
             fmap(q, True), fmap(k, False), v, backend="fla")[0]

@@ -57,7 +57,6 @@ from t2r_fairseq.models.layers import T2RTransformerDecoder
 from t2r_fairseq.modules.linear_multihead_attention import LinearMultiheadAttention
 from t2r_fairseq.modules.softmax_teacher import SoftmaxAttentionTeacher, TeacherLoadError
 from t2r_fairseq.ops.attention_transfer import attention_kl, output_mse
-from t2r_fairseq.ops.linear_attention import linear_attention_weights
 from t2r_fairseq.swap import NEW_TENSOR_PATTERN
 
 logger = logging.getLogger(__name__)
@@ -280,9 +279,9 @@ class AttentionTransferCriterion(LabelSmoothedCrossEntropyCriterion):
         phi_q = module.feature_map(q, is_query=True)
         phi_k = module.feature_map(k, is_query=False)
         if self.transfer_loss == "attention_ce":
-            student = linear_attention_weights(phi_q, phi_k, kpm, causal=module.causal, eps=module.options.eps)
+            student = module.attention_weights(phi_q, phi_k, kpm, q=q, k=k)
             return attention_kl(teacher.weights(query, key, kpm, causal=module.causal), student, qmask)
-        mixed = module.mix(phi_q, phi_k, v, kpm)  # [B, H, T, d]
+        mixed = module.mix(phi_q, phi_k, v, kpm, q=q, k=k)  # [B, H, T, d]
         B, H, T, d = mixed.shape
         mixed = mixed.permute(0, 2, 1, 3).reshape(B, T, H * d)
         w, b = module.out_proj.weight, module.out_proj.bias

@@ -64,6 +64,28 @@ class T2RConfig(FairseqDataclass):
             "attention's q/k/v projections and feature maps, as the authors' code offers)"
         },
     )
+    # -- hybrid sliding-window attention (issue 11) --
+    sliding_window: int = field(
+        default=0,
+        metadata={
+            "help": "causal self-attention only (decoder self-attention of the LM and MT models): W > 0 attends "
+            "with softmax weights to the last W positions and with linear attention to everything older, one "
+            "shared normaliser, a learned per-head factor (LoLCATs); decode state = a W-token KV ring buffer + "
+            "(S, z). 0 = pure linear attention. Evaluate with W much shorter than the sequences"
+        },
+    )
+
+
+def sliding_window_option(args: Any) -> int:
+    """``--sliding-window``, checked when the model is built (before anything is trained or written)."""
+    window = safe_getattr(args, "sliding_window", 0)
+    window = 0 if window is None else window
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(
+            f"--sliding-window must be an integer >= 0 (0: pure linear attention; W >= 1: softmax over the last "
+            f"W positions of causal self-attention), got {window!r}"
+        )
+    return window
 
 
 def attention_options(args: Any, cross: bool = False) -> LinearAttentionOptions:

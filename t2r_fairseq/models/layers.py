@@ -15,8 +15,9 @@ from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, Trans
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from torch import Tensor, nn
 
-from t2r_fairseq.models.config import attention_options
+from t2r_fairseq.models.config import attention_options, sliding_window_option
 from t2r_fairseq.modules.linear_multihead_attention import LinearAttentionOptions, LinearMultiheadAttention
+from t2r_fairseq.modules.sliding_window_attention import SlidingWindowAttention
 
 
 def _wrap_like_fairseq(layer: nn.Module, cfg: TransformerConfig) -> nn.Module:
@@ -36,10 +37,12 @@ class T2RTransformerDecoderLayer(TransformerDecoderLayerBase):
         self_options: LinearAttentionOptions,
         cross_options: LinearAttentionOptions,
         no_encoder_attn: bool = False,
+        sliding_window: int = 0,
     ) -> None:
         # Set before nn.Module.__init__ runs the build_* hooks below.
         self.self_options = self_options
         self.cross_options = cross_options
+        self.sliding_window = sliding_window  # > 0: hybrid self-attention (--sliding-window)
         super().__init__(cfg, no_encoder_attn)
 
     def build_self_attention(
@@ -49,6 +52,11 @@ class T2RTransformerDecoderLayer(TransformerDecoderLayerBase):
             raise ValueError(
                 "T2R decoders do not support --cross-self-attention, add_bias_kv or add_zero_attn: a recurrent "
                 "state cannot prepend the source or extra key/value slots; drop these options"
+            )
+        if self.sliding_window:
+            return SlidingWindowAttention(
+                embed_dim, cfg.decoder.attention_heads, self.self_options, window=self.sliding_window,
+                q_noise=self.quant_noise, qn_block_size=self.quant_noise_block_size,
             )
         return LinearMultiheadAttention(
             embed_dim,
@@ -141,11 +149,12 @@ class T2RTransformerDecoder(TransformerDecoder):
     ) -> None:
         self.self_options = attention_options(args)
         self.cross_options = attention_options(args, cross=True)
+        self.sliding_window = sliding_window_option(args)  # validated before any layer is built
         super().__init__(args, dictionary, embed_tokens, no_encoder_attn, output_projection)
 
     def build_decoder_layer(self, cfg: Any, no_encoder_attn: bool = False) -> nn.Module:
         cfg = TransformerConfig.from_namespace(cfg)
-        layer = T2RTransformerDecoderLayer(cfg, self.self_options, self.cross_options, no_encoder_attn)
+        layer = T2RTransformerDecoderLayer(cfg, self.self_options, self.cross_options, no_encoder_attn, self.sliding_window)
         return _wrap_like_fairseq(layer, cfg)
 
     def buffered_future_mask(self, tensor: Tensor) -> Optional[Tensor]:  # type: ignore[override]

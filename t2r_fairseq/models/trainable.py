@@ -6,7 +6,7 @@ from torch import nn
 
 from t2r_fairseq.modules.linear_multihead_attention import LinearMultiheadAttention
 
-_ATTENTION_TRAINABLE = ("q_proj", "k_proj", "v_proj", "feature_map")
+_ATTENTION_TRAINABLE = ("q_proj", "k_proj", "v_proj", "feature_map", "window_logit")  # window_logit: hybrid only
 
 
 def apply_trainable(model: nn.Module, mode: str) -> None:
@@ -22,4 +22,6 @@ def apply_trainable(model: nn.Module, mode: str) -> None:
     for module in model.modules():
         if isinstance(module, LinearMultiheadAttention):
             for name in _ATTENTION_TRAINABLE:
-                getattr(module, name).requires_grad_(True)
+                part = getattr(module, name, None)
+                if part is not None:
+                    part.requires_grad_(True)

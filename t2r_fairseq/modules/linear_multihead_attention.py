@@ -95,6 +95,10 @@ class LinearMultiheadAttention(nn.Module):
     is not applied; residual/activation dropout in the layer still is.
     """
 
+    # Generation folds the feature map's affine prefix into the q/k projection; subclasses that need the raw
+    # q and k at generation (the sliding-window hybrid) turn this off.
+    fold_feature_map: bool = True
+
     def __init__(
         self,
         embed_dim: int,
@@ -202,7 +206,7 @@ class LinearMultiheadAttention(nn.Module):
         cached = self._fused_cache.get(role)
         if cached is not None and cached[0] == key:
             return cached[1]
-        folded = self.feature_map.affine_prefix() is not None
+        folded = self.fold_feature_map and self.feature_map.affine_prefix() is not None
         with torch.no_grad():
             parts = [self._fold(self.q_proj, self.scaling, folded)]
             if role == "qkv":
@@ -246,11 +250,23 @@ class LinearMultiheadAttention(nn.Module):
             self._heads(self.v_proj(value)),
         )
 
-    def mix(self, phi_q: Tensor, phi_k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+    def mix(
+        self,
+        phi_q: Tensor,
+        phi_k: Tensor,
+        v: Tensor,
+        key_padding_mask: Optional[Tensor] = None,
+        *,
+        q: Optional[Tensor] = None,
+        k: Optional[Tensor] = None,
+    ) -> Tensor:
         """Whole-sequence (non-incremental) attention of this layer's role, ``[B, H, T, head_dim]``.
 
         Causal self-attention uses the chunkwise O(L) form; cross and
-        bidirectional attention summarise the keys once and read out.
+        bidirectional attention summarise the keys once and read out. ``q``/``k``
+        (the raw tensors of :meth:`project`) are unused here; attentions with a
+        softmax part (the sliding-window hybrid) need them, so callers such as
+        attention transfer pass them.
         """
         if self.causal:
             out, _ = causal_linear_attention(
@@ -260,6 +276,14 @@ class LinearMultiheadAttention(nn.Module):
             return out
         state = linear_attention_state(phi_k, v, key_padding_mask)
         return linear_attention_readout(phi_q, state, self.options.eps).to(v.dtype)
+
+    def attention_weights(
+        self, phi_q: Tensor, phi_k: Tensor, key_padding_mask: Optional[Tensor] = None, *,
+        q: Optional[Tensor] = None, k: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Explicit normalised weights ``[B, H, T, S]`` of this layer's role (O(T S); diagnostics, attention
+        transfer's cross-entropy). ``q``/``k`` as in :meth:`mix`."""
+        return linear_attention_weights(phi_q, phi_k, key_padding_mask, causal=self.causal, eps=self.options.eps)
 
     # -- forward --------------------------------------------------------------
 

@@ -154,9 +154,35 @@ def causal_linear_attention(
         fused = _try_fla(q, k, v, key_padding_mask, initial_state, output_final_state, eps, required=backend == "fla")
         if fused is not None:
             return fused
+    o, final = causal_linear_attention_terms(
+        q, k, v, key_padding_mask, chunk_size=chunk_size, initial_state=initial_state,
+        output_final_state=output_final_state,
+    )
+    D = v.size(-1)
+    return (o[..., :D] / o[..., D:].clamp_min(eps)).to(v.dtype), final
+
+
+def causal_linear_attention_terms(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Optional[Tensor] = None,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    initial_state: Optional[LinearAttentionState] = None,
+    output_final_state: bool = False,
+) -> tuple[Tensor, Optional[LinearAttentionState]]:
+    """The unnormalised numerator and denominator of :func:`causal_linear_attention` (pure torch).
+
+    Returns ``o: [B, H, L, D + 1]`` in fp32 with ``o[..., :D] = phi(q_i) S_i`` and
+    ``o[..., D] = phi(q_i) z_i``, plus the final state if asked. Exposed so that
+    attentions which add further terms to the same normaliser (the sliding-window
+    hybrid) reuse this chunkwise state carry instead of repeating it.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     B, H, L, K = q.shape
     D = v.size(-1)
-    out_dtype = v.dtype
     qf = q.float()
     kf = _mask_keys(k.float(), key_padding_mask)
     vf = torch.cat([v.float(), v.new_ones((B, H, L, 1), dtype=torch.float32)], dim=-1)  # [B,H,L,D+1]
@@ -186,7 +212,6 @@ def causal_linear_attention(
     scores = scores.masked_fill(~causal, 0.0)
     o = torch.matmul(scores, vc) + torch.matmul(qc, prefix)  # [B,H,N,C,D+1]
     o = o.reshape(B, H, N * C, D + 1)[:, :, :L]
-    out = (o[..., :D] / o[..., D:].clamp_min(eps)).to(out_dtype)
 
     final: Optional[LinearAttentionState] = None
     if output_final_state:
@@ -194,7 +219,7 @@ def causal_linear_attention(
         if initial_state is not None:
             total = total + init
         final = LinearAttentionState(total[..., :D].contiguous(), total[..., D].contiguous())
-    return out, final
+    return o, final
 
 
 def _try_fla(
