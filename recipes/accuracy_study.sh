@@ -11,8 +11,9 @@
 # --rows           comma list of finetune rows (default: all; see ROWS below)
 # --tasks          lm,mt (default both)
 # Teachers train until dev loss has not improved for $PATIENCE validations ($VALID_EVERY updates apart);
-# checkpoint_best.pt is the teacher. Each finetune row runs FT_UPDATES updates (20% of the MT teacher's
-# budget by default) and saves a checkpoint every $FT_SAVE_EVERY updates, so one run gives the whole curve.
+# checkpoint_best.pt is the teacher. Each finetune row runs FT_UPDATES updates (default: 20% of the updates its
+# teacher's training ran, early stopping included; FT_UPDATES_LM / FT_UPDATES_MT override it per task)
+# budget by default) and saves a checkpoint every eighth of it, so one run gives the whole curve.
 # Threads: OMP_NUM_THREADS (default 2). Everything lands under --out; finished steps are skipped.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -35,7 +36,6 @@ say() { echo "=== [study $(date +%H:%M:%S)] $*"; }
 # ---- fixed setup (see docs/RESULTS.md) -------------------------------------------------------------------
 SEED=${SEED:-1} VOCAB=${VOCAB:-6000} VALID_EVERY=${VALID_EVERY:-100} PATIENCE=${PATIENCE:-5}
 TEACHER_MAX=${TEACHER_MAX:-4000}
-FT_UPDATES=${FT_UPDATES:-400} FT_SAVE_EVERY=${FT_SAVE_EVERY:-50}
 COMMON=(--optimizer adam --adam-betas "(0.9,0.98)" --clip-norm 1.0 --max-tokens 4096 --cpu --seed "$SEED"
         --log-format simple --log-interval 25 --num-workers 0 --user-dir "$ROOT/t2r_fairseq" --no-epoch-checkpoints)
 LM_ARCH=(--task language_modeling --tokens-per-sample 256 --decoder-layers 4 --decoder-embed-dim 128
@@ -83,4 +83,105 @@ if has teacher "$STAGES"; then
       --max-update "$TEACHER_MAX" --validate-interval-updates "$VALID_EVERY" --save-interval-updates "$VALID_EVERY" \
       --keep-interval-updates 1 --patience "$PATIENCE" --save-dir "$save" > "$log" 2>&1
   done
+fi
+
+# ---- finetune rows -------------------------------------------------------------------------------------------
+# Every row starts from `python -m t2r_fairseq.tools.convert` on the teacher (the swap, plus the calibration of the
+# feature maps to the teacher's attention for the *_cal rows): that checkpoint is the curve's point at 0 updates.
+# Then FT_UPDATES updates of plain task finetuning with the same schedule for every row.
+ALL_ROWS="t2r elu performer rfa hedgehog t2r_lr8 t2r_cal t2r_cal_lr8 hedgehog_cal t2r_cal_lr8_k64 selfonly_t2r_cal_lr8 hybrid4_t2r_cal_lr8"
+ROWS=${ROWS_ARG//,/ }; ROWS=${ROWS:-$ALL_ROWS}
+FT_LR=${FT_LR:-5e-4} CAL_STEPS=${CAL_STEPS:-300}
+row_args() {  # row kind -> "map=..., convert args | finetune args"
+  local row=$1 kind=$2 map=t2r feat=32 cal=0 lrs=1 extra=()
+  case $row in *hedgehog*) map=hedgehog;; *performer*) map=performer;; *elu*) map=elu;; *rfa*) map=rfa;; esac
+  [[ $row == *_cal* ]] && cal=$CAL_STEPS
+  [[ $row == *_lr8* ]] && lrs=8
+  [[ $row == *_k64* ]] && feat=64
+  CONVERT_ARGS=(--feature-map $map --feature-size $feat --calibrate-steps $cal)
+  FT_ARGS=(--feature-map $map --feature-size $feat --feature-map-lr-scale $lrs)
+  if [[ $row == selfonly_* ]]; then CONVERT_ARGS+=(--softmax-cross-attention); FT_ARGS+=(--softmax-cross-attention); fi
+  if [[ $row == hybrid* ]]; then
+    local w=${row%%_*}; w=${w#hybrid}; [[ $kind == lm ]] && w=$((w * 8))   # MT W=4 (sentences ~20 pieces), LM W=32 (256-token blocks)
+    CONVERT_ARGS+=(--sliding-window $w); FT_ARGS+=(--sliding-window $w)
+  fi
+}
+teacher_updates() {  # updates the teacher's training ran (its cost), from its last checkpoint
+  python -c "import sys, torch; s = torch.load(sys.argv[1], map_location='cpu', weights_only=False); print(s['optimizer_history'][-1]['num_updates'])" \
+    "$OUT/checkpoints/teacher.$1/checkpoint_last.pt"
+}
+ft_updates() {  # 20% of the teacher's updates, rounded down to a multiple of 8 (the curve's points)
+  local override; [[ $1 == lm ]] && override=${FT_UPDATES_LM:-} || override=${FT_UPDATES_MT:-}
+  if [[ -n $override ]]; then echo "$override"; else echo $(( $(teacher_updates "$1") / 5 / 8 * 8 )); fi
+}
+if has finetune "$STAGES"; then
+  for kind in lm mt; do
+    has $kind "$TASKS" || continue
+    teacher=$OUT/checkpoints/teacher.$kind/checkpoint_best.pt
+    [[ -e $teacher ]] || { echo "accuracy_study: no teacher $teacher (run the teacher stage)" >&2; exit 1; }
+    t2r_arch=t2r_transformer_lm; [[ $kind == mt ]] && t2r_arch=t2r_transformer
+    FT_UPDATES=$(ft_updates $kind) FT_SAVE_EVERY=$(( $(ft_updates $kind) / 8 ))
+    for row in $ROWS; do
+      [[ $kind == lm && $row == selfonly_* ]] && continue
+      row_args "$row" "$kind"
+      save=$OUT/checkpoints/$row.$kind log=$OUT/train/$row.$kind.log
+      if grep -q "done training" "$log" 2>/dev/null; then say "finetune $row ($kind): done"; continue; fi
+      mkdir -p "$save"
+      say "convert $row ($kind): ${CONVERT_ARGS[*]}"
+      python -m t2r_fairseq.tools.convert "$teacher" "$save/checkpoint_0.pt" --data "$OUT/data-bin/$kind" \
+        "${CONVERT_ARGS[@]}" --seed "$SEED" > "$OUT/train/$row.$kind.convert.log" 2>&1
+      say "finetune $row ($kind, $FT_UPDATES updates): ${FT_ARGS[*]} -> $log"
+      # shellcheck disable=SC2046
+      fairseq-train "$OUT/data-bin/$kind" --arch $t2r_arch $(arch_args $kind) "${COMMON[@]}" "${FT_ARGS[@]}" \
+        --finetune-from-model "$save/checkpoint_0.pt" --lr "$FT_LR" --lr-scheduler inverse_sqrt \
+        --warmup-updates $((FT_UPDATES / 10)) --max-update "$FT_UPDATES" --save-interval-updates "$FT_SAVE_EVERY" \
+        --validate-interval-updates "$FT_SAVE_EVERY" --keep-interval-updates -1 --save-dir "$save" > "$log" 2>&1
+    done
+  done
+fi
+
+# ---- evaluation at 0, 1/8, 1/4, 1/2 and all of the budget -----------------------------------------------------
+# MT: beam 4, output length bounded by 1.2 x source + 10 (a swapped model without finetuning can otherwise run to
+# the 200-token limit), detokenised sentencepiece output scored by sacreBLEU against the raw references; test =
+# test_2016_flickr, test1 = test_2017_flickr, valid = val (for tuning: only at the end of the budget).
+# LM: fairseq-eval-lm on test.txt with 256-token blocks (as trained).
+evaluate() {  # evaluate NAME KIND CHECKPOINT POINT SUBSET
+  local name=$1 kind=$2 ck=$3 point=$4 subset=$5 log=$OUT/eval/$1.$2.$4.$5.log
+  if grep -q "Perplexity\|sacreBLEU = " "$log" 2>/dev/null; then return; fi
+  mkdir -p "$OUT/eval"
+  if [[ $kind == lm ]]; then
+    fairseq-eval-lm "$OUT/data-bin/lm" --user-dir "$ROOT/t2r_fairseq" --path "$ck" --cpu --tokens-per-sample 256 \
+      --max-tokens 8192 --required-batch-size-multiple 1 --gen-subset "$subset" > "$log" 2>&1
+  else
+    local ref=$M30K/$([[ $subset == test ]] && echo test_2016_flickr || ([[ $subset == test1 ]] && echo test_2017_flickr || echo val)).de
+    fairseq-generate "$OUT/data-bin/mt" --user-dir "$ROOT/t2r_fairseq" --path "$ck" --cpu --beam 4 --max-tokens 8192 \
+      --max-len-a 1.2 --max-len-b 10 --required-batch-size-multiple 1 --gen-subset "$subset" \
+      --post-process sentencepiece > "$log" 2>&1
+    python -m t2r_fairseq.tools.sacrebleu_from_generate "$log" --ref "$ref" >> "$log"
+  fi
+  say "eval $name $kind @$point $subset: $(grep -o "Perplexity: [0-9.]*\|sacreBLEU = [0-9.]*" "$log" | tail -1)"
+}
+if has eval "$STAGES"; then
+  [[ -n $M30K ]] || ! has mt "$TASKS" || { echo "accuracy_study: --multi30k DIR is required for MT evaluation (references)" >&2; exit 2; }
+  for kind in lm mt; do
+    has $kind "$TASKS" || continue
+    subsets=test; [[ $kind == mt ]] && subsets="test test1"
+    for sub in $subsets; do evaluate teacher $kind "$OUT/checkpoints/teacher.$kind/checkpoint_best.pt" 0 $sub; done
+    [[ $kind == mt ]] && evaluate teacher mt "$OUT/checkpoints/teacher.mt/checkpoint_best.pt" 0 valid
+    B=$(ft_updates $kind)
+    for row in $ROWS; do
+      [[ -e $OUT/checkpoints/$row.$kind/checkpoint_0.pt ]] || continue
+      for point in 0 $((B / 8)) $((B / 4)) $((B / 2)) $B; do
+        ck=$OUT/checkpoints/$row.$kind/checkpoint_0.pt
+        [[ $point != 0 ]] && ck=$(ls "$OUT"/checkpoints/$row.$kind/checkpoint_*_$point.pt 2>/dev/null | head -1)
+        [[ -n $ck && -e $ck ]] || continue
+        for sub in $subsets; do evaluate $row $kind "$ck" $point $sub; done
+        [[ $kind == mt && $point == "$B" ]] && evaluate $row mt "$ck" $point valid
+      done
+    done
+  done
+fi
+
+if has report "$STAGES"; then
+  python -m t2r_fairseq.tools.study_report "$OUT"
 fi

@@ -116,3 +116,10 @@ class T2RTranslationConfig(T2RConfig):
             "once per source and is not on the generation path)"
         },
     )
+    softmax_cross_attention: bool = field(
+        default=False,
+        metadata={
+            "help": "keep the decoder's encoder-decoder attention softmax (swap decoder self-attention only): "
+            "the decoder state stays constant in the target length, but each step then reads all source keys"
+        },
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Tuple
 
 from fairseq.distributed import fsdp_wrap
+from fairseq.utils import safe_getattr
 from fairseq.models.transformer import TransformerConfig, TransformerDecoder, TransformerEncoder
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
@@ -35,7 +36,7 @@ class T2RTransformerDecoderLayer(TransformerDecoderLayerBase):
         self,
         cfg: TransformerConfig,
         self_options: LinearAttentionOptions,
-        cross_options: LinearAttentionOptions,
+        cross_options: Optional[LinearAttentionOptions],
         no_encoder_attn: bool = False,
         sliding_window: int = 0,
     ) -> None:
@@ -99,7 +100,9 @@ class T2RTransformerDecoderLayer(TransformerDecoderLayerBase):
             self_attn_mask, self_attn_padding_mask, need_attn, need_head_weights,
         )
 
-    def build_encoder_attention(self, embed_dim: int, cfg: TransformerConfig) -> LinearMultiheadAttention:
+    def build_encoder_attention(self, embed_dim: int, cfg: TransformerConfig) -> nn.Module:
+        if self.cross_options is None:  # --softmax-cross-attention: fairseq's own module, the teacher's tensors
+            return super().build_encoder_attention(embed_dim, cfg)
         return LinearMultiheadAttention(
             embed_dim,
             cfg.decoder.attention_heads,
@@ -148,7 +151,9 @@ class T2RTransformerDecoder(TransformerDecoder):
         output_projection: Optional[nn.Module] = None,
     ) -> None:
         self.self_options = attention_options(args)
-        self.cross_options = attention_options(args, cross=True)
+        self.cross_options: Optional[LinearAttentionOptions] = (
+            None if safe_getattr(args, "softmax_cross_attention", False) else attention_options(args, cross=True)
+        )
         self.sliding_window = sliding_window_option(args)  # validated before any layer is built
         super().__init__(args, dictionary, embed_tokens, no_encoder_attn, output_projection)
 

@@ -133,6 +133,8 @@ class SlidingWindowAttention(LinearMultiheadAttention):
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """fairseq's signature, time-major ``[T, B, C]``; causality (and the window) are built in, so the
         decoder's future mask, if any, is not needed."""
+        if self.softmax_teacher_mode:  # the teacher's softmax attention (calibration): the parent computes it
+            return super().forward(query, key, value, key_padding_mask, incremental_state)
         if before_softmax:
             raise ValueError("before_softmax is not supported by sliding-window attention (its softmax is partial)")
         if key_padding_mask is not None:

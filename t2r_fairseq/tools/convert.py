@@ -2,6 +2,7 @@
 
     python -m t2r_fairseq.tools.convert TEACHER.pt OUT.pt --data DATA-BIN \\
         [--feature-map t2r] [--feature-size 32] [--cross-feature-size K] [--swap-encoder] \\
+        [--softmax-cross-attention] [--sliding-window W] \\
         [--calibrate-steps 300] [--calibrate-lr 1e-2] [--calibrate-batches 4] [--subset train] [--max-tokens 4096]
 
 The swap itself needs no tool (``fairseq-train --finetune-from-model teacher.pt``
@@ -140,6 +141,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--feature-size", type=int, default=32)
     ap.add_argument("--cross-feature-size", type=int, default=None)
     ap.add_argument("--swap-encoder", action="store_true")
+    ap.add_argument("--softmax-cross-attention", action="store_true", help="translation: swap decoder self-attention only")
+    ap.add_argument("--sliding-window", type=int, default=0, help="hybrid: softmax over the last W positions")
     ap.add_argument("--calibrate-steps", type=int, default=300, help="Adam steps per layer (0: swap only)")
     ap.add_argument("--calibrate-lr", type=float, default=1e-2)
     ap.add_argument("--calibrate-batches", type=int, default=4)
@@ -150,8 +153,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     options: Dict[str, Any] = {"feature_map": a.feature_map, "feature_size": a.feature_size}
     if a.cross_feature_size is not None:
         options["cross_feature_size"] = a.cross_feature_size
-    if a.swap_encoder:
-        options["swap_encoder"] = True
+    for flag in ("swap_encoder", "softmax_cross_attention"):
+        if getattr(a, flag):
+            options[flag] = True
+    if a.sliding_window:
+        options["sliding_window"] = a.sliding_window
     try:
         results = convert(a.teacher, a.out, a.data, options, a.calibrate_steps, a.calibrate_lr, a.calibrate_batches,
                           a.subset, a.max_tokens, a.seed)
