@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from t2r_fairseq.models.layers import T2RTransformerDecoder
 from t2r_fairseq.modules.linear_multihead_attention import LinearMultiheadAttention
 from t2r_fairseq.modules.softmax_teacher import SoftmaxAttentionTeacher, TeacherLoadError
-from t2r_fairseq.ops.attention_transfer import attention_kl, output_mse
+from t2r_fairseq.ops.attention_transfer import attention_entropy, attention_kl, output_mse
 from t2r_fairseq.swap import NEW_TENSOR_PATTERN
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ logger = logging.getLogger(__name__)
 TRANSFER_LOSSES = ChoiceEnum(["output_mse", "attention_ce"])
 TEACHER_PROJECTIONS = ChoiceEnum(["checkpoint", "student"])
 METRIC_PREFIX = "at_"
+ENTROPY_PREFIX = "entropy_"  # entropy_dec0_cross (swapped model) / entropy_dec0_cross_teacher, in nats
 _FORWARD_SIGNATURE = inspect.signature(LinearMultiheadAttention.forward)
 _PROJECTION_KEY = re.compile(r"\.(q_proj|k_proj|v_proj|out_proj|in_proj)[._]")
 
@@ -187,6 +188,9 @@ class AttentionTransferCriterion(LabelSmoothedCrossEntropyCriterion):
         self._query_mask: Optional[Tensor] = None
         self._transfer_only = False
         self._needs_grad = False
+        # Set by tools (attention_gap): also log each layer's attention entropy, teacher and swapped, in eval mode.
+        self.report_entropy = False
+        self._entropies: Dict[str, Tuple[Tensor, Tensor]] = {}
 
     # -- schedule -----------------------------------------------------------------------------
 
@@ -259,11 +263,15 @@ class AttentionTransferCriterion(LabelSmoothedCrossEntropyCriterion):
                 return
             with torch.enable_grad() if self._needs_grad else torch.no_grad():
                 self._records[name] = self.layer_loss(module, self._teachers[name], call)
+            if self.report_entropy and not module.training:
+                self._entropies[name] = self.layer_entropies(module, self._teachers[name], call)
 
         return hook
 
-    def layer_loss(self, module: LinearMultiheadAttention, teacher: SoftmaxAttentionTeacher, call: Dict[str, Any]) -> Tensor:
-        """Transfer loss of one layer from the inputs of its forward call (detached: a layer-local loss)."""
+    def _layer_inputs(
+        self, module: LinearMultiheadAttention, call: Dict[str, Any]
+    ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+        """``(query, key, value, key_padding_mask, query_mask)`` of one forward call, detached."""
         query = call["query"].detach()
         key = query if call.get("key") is None else call["key"].detach()
         value = key if call.get("value") is None else call["value"].detach()
@@ -273,6 +281,27 @@ class AttentionTransferCriterion(LabelSmoothedCrossEntropyCriterion):
             qmask = self._query_mask if self._query_mask is not None and self._query_mask.shape == query.shape[1::-1] else None
         else:  # bidirectional encoder self-attention: queries are the (padded) source positions
             qmask = ~kpm if kpm is not None else None
+        return query, key, value, kpm, qmask
+
+    def layer_entropies(
+        self, module: LinearMultiheadAttention, teacher: SoftmaxAttentionTeacher, call: Dict[str, Any]
+    ) -> Tuple[Tensor, Tensor]:
+        """Mean attention entropy (nats) of the teacher and of the swapped layer on the same inputs.
+
+        Materialises ``[B, H, T, S]`` weights: diagnostics (``attention_gap``), not training.
+        """
+        query, key, _, kpm, qmask = self._layer_inputs(module, call)
+        with torch.no_grad():
+            q, k, _ = module.project(query, key, key)
+            student = module.attention_weights(
+                module.feature_map(q, is_query=True), module.feature_map(k, is_query=False), kpm, q=q, k=k
+            )
+            teacher_w = teacher.weights(query, key, kpm, causal=module.causal)
+            return attention_entropy(teacher_w, qmask), attention_entropy(student, qmask)
+
+    def layer_loss(self, module: LinearMultiheadAttention, teacher: SoftmaxAttentionTeacher, call: Dict[str, Any]) -> Tensor:
+        """Transfer loss of one layer from the inputs of its forward call (detached: a layer-local loss)."""
+        query, key, value, kpm, qmask = self._layer_inputs(module, call)
 
         with torch.no_grad() if self._transfer_only else nullcontext():
             q, k, v = module.project(query, key, value)
@@ -339,6 +368,11 @@ class AttentionTransferCriterion(LabelSmoothedCrossEntropyCriterion):
             logging_output["transfer"] = transfer_mean.data * sample_size
             for name, value in records.items():
                 logging_output[metric_name(name)] = value.data * sample_size
+            for name, (h_teacher, h_student) in self._entropies.items():
+                short = metric_name(name)[len(METRIC_PREFIX):]
+                logging_output[f"{ENTROPY_PREFIX}{short}_teacher"] = h_teacher.data * sample_size
+                logging_output[f"{ENTROPY_PREFIX}{short}"] = h_student.data * sample_size
+        self._entropies = {}
         if self.report_accuracy:
             n_correct, total = self.compute_accuracy(model, net_output, sample)
             logging_output["n_correct"] = n_correct.data
@@ -349,7 +383,10 @@ class AttentionTransferCriterion(LabelSmoothedCrossEntropyCriterion):
     def reduce_metrics(cls, logging_outputs: List[Dict[str, Any]]) -> None:
         super().reduce_metrics(logging_outputs)
         sample_size = sum(log.get("sample_size", 0) for log in logging_outputs)
-        keys = sorted({k for log in logging_outputs for k in log if k == "transfer" or k.startswith(METRIC_PREFIX)})
+        keys = sorted({
+            k for log in logging_outputs for k in log
+            if k == "transfer" or k.startswith(METRIC_PREFIX) or k.startswith(ENTROPY_PREFIX)
+        })
         for key in keys:
             total = sum(log.get(key, 0) for log in logging_outputs)
             metrics.log_scalar(key, float(total) / max(sample_size, 1), sample_size, round=5)

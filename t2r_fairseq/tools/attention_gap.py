@@ -10,6 +10,12 @@ mode, nothing trains) and prints the task loss and perplexity together with the
 per-layer transfer losses (``at_dec0_self``, ...) and their mean ``transfer`` -- for
 any T2R checkpoint, whether or not it was trained with attention transfer, so
 models finetuned with and without it can be compared on the same footing.
+
+It also prints each layer's mean attention entropy in nats, the teacher's
+(``entropy_dec0_cross_teacher``) and the converted model's (``entropy_dec0_cross``)
+on the same inputs: whether the converted attention is as sharp as the teacher's.
+A swapped map that attends almost uniformly reads near ``log(#keys)``; translation
+quality needs cross-attention about as sharp as the teacher's.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ def attention_gap(data: str, path: str, teacher: str, subset: str = "valid", los
     task.load_dataset(subset)
     criterion = AttentionTransferCriterion(task, sentence_avg=False, label_smoothing=0.0, transfer_loss=loss,
                                            transfer_teacher=teacher)
+    criterion.report_entropy = True
     criterion.attach(model)
     batches = task.get_batch_iterator(
         dataset=task.dataset(subset), max_tokens=max_tokens,
