@@ -140,7 +140,7 @@ if has finetune "$STAGES"; then
   done
 fi
 
-# ---- evaluation at 0, 1/8, 1/4, 1/2 and all of the budget -----------------------------------------------------
+# ---- evaluation at 0, (1/8 for the LM), 1/4, 1/2 and all of the budget -----------------------------------------------------
 # MT: beam 4, output length bounded by 1.2 x source + 10 (a swapped model without finetuning can otherwise run to
 # the 200-token limit), detokenised sentencepiece output scored by sacreBLEU against the raw references; test =
 # test_2016_flickr, test1 = test_2017_flickr, valid = val (for tuning: only at the end of the budget).
@@ -171,7 +171,8 @@ if has eval "$STAGES"; then
     B=$(ft_updates $kind)
     for row in $ROWS; do
       [[ -e $OUT/checkpoints/$row.$kind/checkpoint_0.pt ]] || continue
-      for point in 0 $((B / 8)) $((B / 4)) $((B / 2)) $B; do
+      points="0 $((B / 8)) $((B / 4)) $((B / 2)) $B"; [[ $kind == mt ]] && points="0 $((B / 4)) $((B / 2)) $B"
+      for point in $points; do
         ck=$OUT/checkpoints/$row.$kind/checkpoint_0.pt
         [[ $point != 0 ]] && ck=$(ls "$OUT"/checkpoints/$row.$kind/checkpoint_*_$point.pt 2>/dev/null | head -1)
         [[ -n $ck && -e $ck ]] || continue

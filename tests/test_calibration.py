@@ -240,3 +240,22 @@ def test_convert_refuses_bad_input(work, tmp_path) -> None:
     assert proc.returncode != 0
     assert "already a T2R checkpoint" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "o.pt").exists()
+
+
+@pytest.mark.parametrize("kind", ["lm", "mt"])
+def test_arch_flags_rebuild_the_checkpoints_model(work, tmp_path, kind) -> None:
+    """The printed flags + the task build a model into which the checkpoint loads strictly (no swap, no error)."""
+    from helpers import build
+
+    teacher = work / f"{kind}-teacher" / "checkpoint_last.pt"
+    conv = tmp_path / "t2r.pt"
+    convert(str(teacher), str(conv), str(work / f"bin-{kind}"), {"feature_size": 8, "feature_map": "hedgehog"},
+            calibrate_steps=0)
+    flags = run("python", "-m", "t2r_fairseq.tools.arch_flags", conv).stdout.split()
+    assert flags[:2] == ["--arch", "t2r_transformer_lm" if kind == "lm" else "t2r_transformer"]
+    assert "--feature-map" in flags and "hedgehog" in flags
+    task = ["--task", "language_modeling", "--tokens-per-sample", "64"] if kind == "lm" else ["--task", "translation"]
+    _, _, model = build([str(work / f"bin-{kind}"), *task, *flags])
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(conv))["model"]
+    assert set(model.state_dict()) == set(state)
+    model.load_state_dict(state, strict=True)

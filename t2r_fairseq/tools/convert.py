@@ -37,6 +37,7 @@ from omegaconf import OmegaConf, open_dict
 import t2r_fairseq  # noqa: F401  (registers the models)
 from t2r_fairseq.calibration import LayerCalibration, calibrate_feature_maps
 from t2r_fairseq.swap import NEW_TENSOR_PATTERN
+from t2r_fairseq.tools.arch_flags import architecture_flags
 
 logger = logging.getLogger("t2r_fairseq.convert")
 
@@ -166,6 +167,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     for r in results:
         logger.info("calibration " + r.line())
     logger.info(f"wrote {a.out}")
+    flags = " ".join(architecture_flags(checkpoint_utils.load_checkpoint_to_cpu(a.out)["cfg"].model))
+    print(f"finetune it: fairseq-train {a.data} --user-dir t2r_fairseq --finetune-from-model {a.out} {flags} "
+          "[your training flags]   (the flags: python -m t2r_fairseq.tools.arch_flags OUT.pt)")
 
 
 if __name__ == "__main__":
