@@ -146,19 +146,20 @@ fi
 # test_2016_flickr, test1 = test_2017_flickr, valid = val (for tuning: only at the end of the budget).
 # LM: fairseq-eval-lm on test.txt with 256-token blocks (as trained).
 evaluate() {  # evaluate NAME KIND CHECKPOINT POINT SUBSET
-  local name=$1 kind=$2 ck=$3 point=$4 subset=$5 log=$OUT/eval/$1.$2.$4.$5.log
+  local name=$1 kind=$2 ck=$3 point=$4 subset=$5 log=$OUT/eval/$1.$2.$4.$5.log tmp=$OUT/eval/$1.$2.$4.$5.$$.tmp
   if grep -q "Perplexity\|sacreBLEU = " "$log" 2>/dev/null; then return; fi
   mkdir -p "$OUT/eval"
   if [[ $kind == lm ]]; then
     fairseq-eval-lm "$OUT/data-bin/lm" --user-dir "$ROOT/t2r_fairseq" --path "$ck" --cpu --tokens-per-sample 256 \
-      --max-tokens 8192 --required-batch-size-multiple 1 --gen-subset "$subset" > "$log" 2>&1
+      --max-tokens 8192 --required-batch-size-multiple 1 --gen-subset "$subset" > "$tmp" 2>&1
   else
     local ref=$M30K/$([[ $subset == test ]] && echo test_2016_flickr || ([[ $subset == test1 ]] && echo test_2017_flickr || echo val)).de
     fairseq-generate "$OUT/data-bin/mt" --user-dir "$ROOT/t2r_fairseq" --path "$ck" --cpu --beam 4 --max-tokens 8192 \
       --max-len-a 1.2 --max-len-b 10 --required-batch-size-multiple 1 --gen-subset "$subset" \
-      --post-process sentencepiece > "$log" 2>&1
-    python -m t2r_fairseq.tools.sacrebleu_from_generate "$log" --ref "$ref" >> "$log"
+      --post-process sentencepiece > "$tmp" 2>&1
+    python -m t2r_fairseq.tools.sacrebleu_from_generate "$tmp" --ref "$ref" >> "$tmp"
   fi
+  mv "$tmp" "$log"   # complete logs only (rows evaluated side by side may share the teacher's)
   say "eval $name $kind @$point $subset: $(grep -o "Perplexity: [0-9.]*\|sacreBLEU = [0-9.]*" "$log" | tail -1)"
 }
 if has eval "$STAGES"; then

@@ -11,7 +11,9 @@
 # and binarised with fairseq-preprocess. Other split names: --mt-splits train=train,valid=val,test=test_2016_flickr
 # (Multi30k), --lm-splits train=valid,valid=test,test=test (WikiText-2 without its train split).
 # Finished stages are skipped (delete or --force to redo); everything lands under --out (default runs/quickstart).
-# Budgets: QS_TEACHER_UPDATES, QS_FINETUNE_UPDATES. Compared models: QS_MODELS (default "t2r elu t2r_scratch";
+# Budgets: QS_TEACHER_UPDATES, QS_FINETUNE_UPDATES. Compared models: QS_MODELS (default "t2r t2r_paper elu t2r_scratch":
+# t2r = the recommended recipe (tools.convert: swap + feature maps calibrated to the teacher's attention, then
+# finetuning with --feature-map-lr-scale 8), t2r_paper = the paper's (finetune straight from the teacher);
 # also available: rfa, performer, hedgehog (swap-finetune with that map), t2r_scratch_long (from scratch, teacher budget),
 # <map>_at_mse / <map>_at_ce (e.g. t2r_at_mse, hedgehog_at_ce: attention transfer with that loss for QS_TRANSFER_UPDATES
 # (default a third of the finetune budget), then the task loss + QS_TRANSFER_WEIGHT (default 0) x transfer; same total updates)).
@@ -40,12 +42,13 @@ say() { echo; echo "=== [quickstart] $*"; }
 
 if [[ $TINY == 1 ]]; then
   TEACHER_UPDATES=${QS_TEACHER_UPDATES:-20} FINETUNE_UPDATES=${QS_FINETUNE_UPDATES:-10} NTRAIN=600 NVALID=100 VOCAB=200
-  DIM=32 FFN=64 LAYERS=2 HEADS=4 FEAT=8 SPEED_LENGTHS=16,64 MAXTOK=2048
+  DIM=32 FFN=64 LAYERS=2 HEADS=4 FEAT=8 SPEED_LENGTHS=16,64 MAXTOK=2048 CAL_STEPS=30
+  GEN_LEN=(--max-len-a 1.2 --max-len-b 10)  # barely trained models would otherwise generate 200 tokens a sentence
 else
   TEACHER_UPDATES=${QS_TEACHER_UPDATES:-400} FINETUNE_UPDATES=${QS_FINETUNE_UPDATES:-150} NTRAIN=20000 NVALID=1000 VOCAB=${QS_VOCAB:-1000}
-  DIM=128 FFN=512 LAYERS=3 HEADS=4 FEAT=32 SPEED_LENGTHS=64,256,1024,2048 MAXTOK=4096
+  DIM=128 FFN=512 LAYERS=3 HEADS=4 FEAT=32 SPEED_LENGTHS=64,256,1024,2048 MAXTOK=4096 CAL_STEPS=300 GEN_LEN=()
 fi
-MODELS=${QS_MODELS:-t2r elu t2r_scratch}
+MODELS=${QS_MODELS:-t2r t2r_paper elu t2r_scratch}
 TRANSFER_UPDATES=${QS_TRANSFER_UPDATES:-$((FINETUNE_UPDATES / 3))} TRANSFER_WEIGHT=${QS_TRANSFER_WEIGHT:-0}
 COMMON=(--optimizer adam --adam-betas "(0.9,0.98)" --lr 1e-3 --lr-scheduler inverse_sqrt --warmup-updates 50
         --clip-norm 1.0 --max-tokens $MAXTOK --cpu --seed 1 --log-format simple --log-interval 25
@@ -89,6 +92,18 @@ train() {  # train NAME KIND UPDATES ARCH [extra fairseq-train args...]
   grep -q "done training" "$log" || { echo "quickstart: training $name ($kind) failed, see $log" >&2; exit 1; }
 }
 
+convert() {  # convert NAME KIND MAP: the swap + calibration of the recommended recipe -> the checkpoint path
+  local name=$1 kind=$2 map=$3 out="$OUT/checkpoints/$1.$2.swapped.pt" log="$OUT/train/$1.$2.convert.log"
+  if ! done_or_force "$out"; then
+    say "convert $name ($kind): swap + feature maps calibrated to the teacher's attention -> $log" >&2
+    python -m t2r_fairseq.tools.convert "$OUT/checkpoints/teacher.$kind/checkpoint_last.pt" "$out" \
+      --data "$OUT/data-bin/$kind" --feature-map "$map" --feature-size $FEAT --calibrate-steps $CAL_STEPS \
+      --max-tokens $MAXTOK > "$log" 2>&1 || { echo "quickstart: conversion of $name ($kind) failed, see $log" >&2; exit 1; }
+    grep -E "T2R swap|calibration" "$log" | sed 's/^.*| //' >&2
+  fi
+  echo "$out"
+}
+
 # ---- teachers and T2R models --------------------------------------------------------------------------
 if has_stage teacher; then
   train teacher lm "$TEACHER_UPDATES" transformer_lm
@@ -102,7 +117,13 @@ if has_stage finetune; then
       case $name in
         t2r_scratch) train "$name" "$kind" "$FINETUNE_UPDATES" $t2r_arch --feature-map t2r --feature-size $FEAT;;
         t2r_scratch_long) train "$name" "$kind" "$TEACHER_UPDATES" $t2r_arch --feature-map t2r --feature-size $FEAT;;
-        t2r|elu|rfa|performer|hedgehog)
+        t2r)  # the recommended recipe
+          swapped=$(convert "$name" "$kind" t2r)
+          train "$name" "$kind" "$FINETUNE_UPDATES" $t2r_arch --feature-map t2r --feature-size $FEAT \
+            --feature-map-lr-scale 8 --finetune-from-model "$swapped";;
+        t2r_paper)
+          train "$name" "$kind" "$FINETUNE_UPDATES" $t2r_arch --feature-map t2r --feature-size $FEAT --finetune-from-model "$teacher";;
+        elu|rfa|performer|hedgehog)
           train "$name" "$kind" "$FINETUNE_UPDATES" $t2r_arch --feature-map "$name" --feature-size $FEAT --finetune-from-model "$teacher";;
         *_at_mse|*_at_ce)  # <map>_at_<loss>: attention transfer, then task finetuning, same total updates
           loss=output_mse; [[ $name == *_ce ]] && loss=attention_ce
@@ -129,7 +150,7 @@ if has_stage eval; then
     if ! done_or_force "$OUT/eval/$name.mt.log" || ! grep -q "sacreBLEU = " "$OUT/eval/$name.mt.log"; then
       say "generate $name (beam 4, sacreBLEU on detokenised sentencepiece output)"
       fairseq-generate "$OUT/data-bin/mt" --user-dir "$ROOT/t2r_fairseq" --path "$ck.mt/checkpoint_last.pt" --cpu \
-        --beam 4 --max-tokens 4096 --required-batch-size-multiple 1 --gen-subset test --post-process sentencepiece \
+        --beam 4 --max-tokens 4096 --required-batch-size-multiple 1 --gen-subset test --post-process sentencepiece "${GEN_LEN[@]}" \
         --scoring sacrebleu > "$OUT/eval/$name.mt.log" 2>&1
       python -m t2r_fairseq.tools.sacrebleu_from_generate "$OUT/eval/$name.mt.log" | tee -a "$OUT/eval/$name.mt.log"
     fi

@@ -14,7 +14,7 @@ from helpers import REPO
 
 def _run(out: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-               QS_MODELS="t2r elu t2r_scratch hedgehog_at_ce")  # the defaults plus an attention-transfer run
+               QS_MODELS="t2r t2r_paper elu t2r_scratch hedgehog_at_ce")  # the defaults plus attention transfer
     proc = subprocess.run(["bash", str(REPO / "recipes" / "quickstart.sh"), "--tiny", "--out", str(out)],
                           capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -27,7 +27,10 @@ def test_quickstart_tiny(tmp_path):
     assert "T2R swap: reused" in first.stdout  # progress output is visible
     res = json.loads((out / "results" / "results.json").read_text())
     rows = {r["model"]: r for r in res["rows"]}
-    assert set(rows) == {"teacher", "t2r", "elu", "t2r_scratch", "hedgehog_at_ce"}
+    assert set(rows) == {"teacher", "t2r", "t2r_paper", "elu", "t2r_scratch", "hedgehog_at_ce"}
+    # the recommended t2r row: converted (swap + calibration) first, then finetuned with the maps' lr scale
+    assert "calibration decoder.layers.0.encoder_attn: KL" in first.stderr
+    assert "'feature_map_lr_scale': 8.0" in (out / "train" / "t2r.mt.log").read_text()
     for r in rows.values():
         assert math.isfinite(r["lm_test_ppl"]) and r["lm_test_ppl"] > 1
         assert math.isfinite(r["mt_test_bleu"]) and 0 <= r["mt_test_bleu"] <= 100

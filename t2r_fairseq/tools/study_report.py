@@ -56,8 +56,10 @@ def markdown(results: Results, signature: Optional[str]) -> str:
         for subset, rows in sorted(results[kind].items()):
             teacher = rows.get("teacher", {}).get(0)
             points = sorted({p for r, pts in rows.items() if r != "teacher" for p in pts})
+            if not points:
+                continue
             lines.append(f"\n### {kind.upper()} {metric}, subset `{subset}` (teacher: {teacher})\n")
-            lines.append("| row | " + " | ".join(f"{p} upd" for p in points) + " | vs teacher at the end |")
+            lines.append("| row | " + " | ".join(f"{p} upd" for p in points) + " | vs teacher (last point) |")
             lines.append("|---" * (len(points) + 2) + "|")
             for row, pts in sorted(rows.items()):
                 if row == "teacher":
@@ -77,6 +79,9 @@ def markdown(results: Results, signature: Optional[str]) -> str:
 
 
 def plot(results: Results, out: Path, docs: Optional[Path]) -> None:
+    import logging
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq's import leaves the root logger verbose
     import matplotlib
 
     matplotlib.use("Agg")
