@@ -211,3 +211,186 @@ def test_topk_ffn_keeps_k_largest_units(topk):
         kept[t, order] = F.relu(hidden[t, order])
     torch.testing.assert_close(topk_hidden(hidden, topk), kept)
     torch.testing.assert_close(topk_feed_forward(x, w1, b1, w2, b2, topk, token_chunk=3), F.linear(kept, w2, b2))
+
+
+# -- the fairseq module and models ---------------------------------------------------------------
+
+from fairseq.modules.multihead_attention import MultiheadAttention  # noqa: E402
+from fairseq.sequence_generator import SequenceGenerator  # noqa: E402
+
+from helpers import build_lm, build_mt, random_tokens  # noqa: E402
+from t2r_fairseq.models.topk_config import TopkOptionError  # noqa: E402
+from t2r_fairseq.modules.topk_multihead_attention import TopkMultiheadAttention  # noqa: E402
+
+FFN = 64  # helpers' --decoder-ffn-embed-dim / --encoder-ffn-embed-dim
+
+
+def _incremental(decoder, tokens, encoder_out=None):
+    state: dict = {}
+    steps, attns = [], []
+    for t in range(tokens.size(1)):
+        out, extra = decoder(tokens[:, : t + 1], encoder_out=encoder_out, incremental_state=state)
+        steps.append(out[:, -1])
+        attns.append(extra["attn"][0])
+    return torch.stack(steps, dim=1), attns
+
+
+def _pair(builder, tmp_path, stock_arch, topk_arch, extra=()):
+    """A stock softmax model and a top-k model with the softmax model's weights loaded strictly."""
+    _, task, softmax = builder(tmp_path / "softmax", arch=stock_arch)
+    _, _, topk = builder(tmp_path / "topk", arch=topk_arch, extra=list(extra), seed=1)
+    state = softmax.state_dict()
+    assert topk.state_dict().keys() == state.keys()  # no new tensors, no missing ones
+    topk.load_state_dict(state, strict=True)
+    return task, softmax, topk
+
+
+def _mt_batch(task, batch=3, src_len=9, tgt_len=7):
+    src = random_tokens(task.source_dictionary, batch, src_len, seed=1)
+    src[1, :3] = task.source_dictionary.pad()  # left padding, as fairseq batches sources
+    src[2, :5] = task.source_dictionary.pad()
+    lengths = src.ne(task.source_dictionary.pad()).sum(1)
+    prev = random_tokens(task.target_dictionary, batch, tgt_len, seed=2)
+    prev[:, 0] = task.target_dictionary.eos()
+    return src, lengths, prev
+
+
+def _topk_modules(model):
+    return [m for m in model.modules() if isinstance(m, TopkMultiheadAttention)]
+
+
+@pytest.mark.parametrize("topk,chunk", [(11, 4), (1000, 1024)])
+def test_lm_k_all_is_fairseq_softmax_full_and_incremental(tmp_path, topk, chunk):
+    """k >= #keys: the top-k LM is fairseq's softmax LM (full forward and KV-cache decoding), fp32 <= 1e-5."""
+    task, softmax, model = _pair(build_lm, tmp_path, "transformer_lm", "topk_transformer_lm",
+                                 ["--topk-k", str(topk), "--topk-query-chunk", str(chunk)])
+    assert len(_topk_modules(model)) == 2
+    tokens = random_tokens(task.dictionary, batch=3, length=11)
+    with torch.no_grad():
+        want, _ = softmax(tokens)
+        full, _ = model(tokens)
+        inc, _ = _incremental(model.decoder, tokens)
+    torch.testing.assert_close(full, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(inc, want, atol=1e-5, rtol=1e-5)
+
+
+def test_lm_small_k_incremental_equals_full_forward(tmp_path):
+    """Each step keeps the top-k of the cached keys: the same function as the chunked causal forward."""
+    task, softmax, model = _pair(build_lm, tmp_path, "transformer_lm", "topk_transformer_lm",
+                                 ["--topk-k", "2", "--topk-query-chunk", "3"])
+    tokens = random_tokens(task.dictionary, batch=3, length=11)
+    with torch.no_grad():
+        full, _ = model(tokens)
+        inc, _ = _incremental(model.decoder, tokens)
+        plain, _ = softmax(tokens)
+    torch.testing.assert_close(inc, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(full[:, :2], plain[:, :2], atol=1e-5, rtol=1e-5)  # <= 2 keys: exact
+    assert (full - plain).abs().max() > 1e-3  # later positions really drop keys
+
+
+@pytest.mark.parametrize("topk", [9, 500])
+def test_mt_k_all_is_fairseq_softmax(tmp_path, topk):
+    """All three attentions top-k, left-padded sources: full forward, incremental decoding and the
+    cross-attention weights fairseq reads for alignments equal the softmax model's."""
+    task, softmax, model = _pair(build_mt, tmp_path, "transformer", "topk_transformer",
+                                 ["--topk-k", str(topk), "--topk-query-chunk", "4"])
+    assert len(_topk_modules(model)) == 6
+    src, lengths, prev = _mt_batch(task)
+    with torch.no_grad():
+        want, want_extra = softmax(src, lengths, prev)
+        full, extra = model(src, lengths, prev)
+        inc, attns = _incremental(model.decoder, prev, model.encoder(src, lengths))
+    torch.testing.assert_close(full, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(inc, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(extra["attn"][0], want_extra["attn"][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(attns, dim=1), want_extra["attn"][0], atol=1e-5, rtol=1e-5)
+
+
+def test_mt_small_k_incremental_equals_full_and_ignores_padding(tmp_path):
+    task, _, model = _pair(build_mt, tmp_path, "transformer", "topk_transformer", ["--topk-k", "2"])
+    src, lengths, prev = _mt_batch(task)
+    with torch.no_grad():
+        full, _ = model(src, lengths, prev)
+        enc = model.encoder(src, lengths)
+        inc, _ = _incremental(model.decoder, prev, enc)
+        pad = src.eq(task.source_dictionary.pad()).t()
+        enc["encoder_out"][0][pad] = 1e3  # huge keys under padding would win every top-k if not masked
+        perturbed, _ = model.decoder(prev, encoder_out=enc)
+    torch.testing.assert_close(inc, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(perturbed, full, atol=1e-5, rtol=1e-5)
+
+
+def _beam_search(model, task, src, lengths, beam=3):
+    gen = SequenceGenerator([model], task.target_dictionary, beam_size=beam, max_len_b=6)
+    with torch.no_grad():
+        return gen.generate([model], {"net_input": {"src_tokens": src, "src_lengths": lengths}})
+
+
+def test_beam_search_reorders_the_kv_cache(tmp_path):
+    """Beam search with k = 2: every hypothesis' step scores equal a teacher-forced full forward of that
+    hypothesis, which holds only if the cached keys/values followed their beams through every reorder;
+    with k >= #keys the beams are the softmax model's."""
+    task, softmax, model = _pair(build_mt, tmp_path, "transformer", "topk_transformer", ["--topk-k", "2"])
+    src, lengths, _ = _mt_batch(task)
+    eos = task.target_dictionary.eos()
+    hypos = _beam_search(model, task, src, lengths)
+    for i, sentence in enumerate(hypos):
+        assert len(sentence) == 3
+        for hypo in sentence:
+            tokens = hypo["tokens"][None]
+            prev = torch.cat([tokens.new_full((1, 1), eos), tokens[:, :-1]], dim=1)
+            with torch.no_grad():
+                logits, _ = model(src[i : i + 1, lengths.max() - lengths[i] :], lengths[i : i + 1], prev)
+            lprobs = torch.log_softmax(logits.float(), dim=-1)[0].gather(-1, tokens[0, :, None])[:, 0]
+            torch.testing.assert_close(hypo["positional_scores"], lprobs, atol=1e-4, rtol=1e-4)
+    for module in _topk_modules(model):
+        module.options = type(module.options)(k=1000, query_chunk=module.options.query_chunk)
+    exact, plain = _beam_search(model, task, src, lengths), _beam_search(softmax, task, src, lengths)
+    for got, want in zip(exact, plain):
+        assert [h["tokens"].tolist() for h in got] == [h["tokens"].tolist() for h in want]
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g["positional_scores"], w["positional_scores"], atol=1e-5, rtol=1e-5)
+
+
+def test_attention_selection(tmp_path):
+    _, _, model = build_mt(tmp_path, arch="topk_transformer", extra=["--topk-attention", "cross,encoder"])
+    layer = model.decoder.layers[0]
+    assert type(layer.self_attn) is MultiheadAttention and isinstance(layer.encoder_attn, TopkMultiheadAttention)
+    assert isinstance(model.encoder.layers[0].self_attn, TopkMultiheadAttention)
+    assert model.decoder.buffered_future_mask(torch.zeros(5, 2, 32)) is not None  # softmax self-attention needs it
+    _, _, none = build_lm(tmp_path, arch="topk_transformer_lm", extra=["--topk-attention", "none", "--topk-ffn-k", "3"])
+    assert not _topk_modules(none)
+
+
+@pytest.mark.parametrize("ffn_k", [FFN, 3])
+def test_topk_ffn_in_the_model(tmp_path, ffn_k):
+    """--topk-ffn-k = FFN size is the plain model; smaller k leaves at most k non-zero hidden units."""
+    task, softmax, model = _pair(build_mt, tmp_path, "transformer", "topk_transformer",
+                                 ["--topk-attention", "none", "--topk-ffn-k", str(ffn_k)])
+    src, lengths, prev = _mt_batch(task)
+    seen = []
+    hook = model.decoder.layers[1].fc2.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    with torch.no_grad():
+        want, _ = softmax(src, lengths, prev)
+        got, _ = model(src, lengths, prev)
+    hook.remove()
+    if ffn_k == FFN:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    else:
+        assert (seen[0].ne(0).sum(-1) <= ffn_k).all() and (got - want).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--topk-k", "0"], r"--topk-k must be >= 1 \(keys kept per query\), got 0"),
+    (["--topk-query-chunk", "-3"], r"--topk-query-chunk must be >= 1"),
+    (["--topk-ffn-k", "65"], r"--topk-ffn-k must be 0 \(off\) or 1\.\.64 \(--decoder-ffn-embed-dim\), got 65"),
+    (["--topk-attention", "self,encoder"], r"--topk-attention: 'encoder' is not an attention of a language model"),
+])
+def test_bad_options_fail_at_build_time(tmp_path, extra, message):
+    with pytest.raises(TopkOptionError, match=message):
+        build_lm(tmp_path, arch="topk_transformer_lm", extra=extra)
+
+
+def test_bad_mt_options_fail_at_build_time(tmp_path):
+    with pytest.raises(TopkOptionError, match=r"--topk-attention: 'decoder' is not an attention of a translation"):
+        build_mt(tmp_path, arch="topk_transformer", extra=["--topk-attention", "decoder"])
