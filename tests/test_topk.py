@@ -394,3 +394,88 @@ def test_bad_options_fail_at_build_time(tmp_path, extra, message):
 def test_bad_mt_options_fail_at_build_time(tmp_path):
     with pytest.raises(TopkOptionError, match=r"--topk-attention: 'decoder' is not an attention of a translation"):
         build_mt(tmp_path, arch="topk_transformer", extra=["--topk-attention", "decoder"])
+
+
+# -- a stock softmax checkpoint through fairseq's CLIs --------------------------------------------
+
+import re  # noqa: E402
+
+from fairseq import checkpoint_utils  # noqa: E402
+
+from helpers import LM_TASK, TRAIN, USER_DIR, run  # noqa: E402
+from t2r_fairseq.tools import to_topk  # noqa: E402
+
+
+def _convert(src, dst, *options: str) -> None:
+    assert to_topk.main([str(src), str(dst), *options]) == 0
+    assert dst.exists()
+
+
+def test_to_topk_rewrites_only_the_config_and_overrides_vary_k(work, tmp_path):
+    for name, target, data in [("lm", "topk_transformer_lm", "bin-lm"), ("mt", "topk_transformer", "bin-mt")]:
+        teacher = work / f"{name}-teacher" / "checkpoint_last.pt"
+        out = tmp_path / f"{name}.pt"
+        _convert(teacher, out, "--topk-k", "5", "--topk-ffn-k", "7")
+        before, after = torch.load(teacher, map_location="cpu"), torch.load(out, map_location="cpu")
+        assert after["model"].keys() == before["model"].keys()
+        assert all(torch.equal(after["model"][n], before["model"][n]) for n in before["model"])
+        # fairseq's --model-overrides path: the converted config has the topk_* fields, so they can be varied.
+        models, cfg, _ = checkpoint_utils.load_model_ensemble_and_task(
+            [str(out)], arg_overrides={"data": str(work / data), "topk_k": 3})
+        modules = _topk_modules(models[0])
+        assert modules and {m.options.k for m in modules} == {3}
+        assert {m.activation_fn.k for m in models[0].decoder.layers} == {7}
+        assert (cfg.model._name if hasattr(cfg.model, "_name") else cfg.model.arch) == target
+
+
+def test_to_topk_bad_option_writes_nothing(work, tmp_path, capsys):
+    out = tmp_path / "bad.pt"
+    assert to_topk.main([str(work / "lm-teacher" / "checkpoint_last.pt"), str(out), "--topk-ffn-k", "999"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "to_topk: error: --topk-ffn-k must be 0 (off) or 1..64 (--decoder-ffn-embed-dim), got 999")
+    assert not out.exists()
+
+
+def _ppl_line(proc) -> str:
+    return re.search(r"Loss \(base 2\): [\d.]+, Perplexity: [\d.]+", proc.stdout + proc.stderr).group(0)
+
+
+def test_eval_lm_on_stock_checkpoint_k_all_is_exact(work, tmp_path):
+    teacher = work / "lm-teacher" / "checkpoint_last.pt"
+    _convert(teacher, tmp_path / "lm-topk.pt", "--topk-k", "1000", "--topk-query-chunk", "16")
+    common = ["--user-dir", USER_DIR, "--cpu", "--tokens-per-sample", "64", "--max-tokens", "2048"]
+    plain = run("fairseq-eval-lm", work / "bin-lm", "--path", teacher, *common)
+    topk = run("fairseq-eval-lm", work / "bin-lm", "--path", tmp_path / "lm-topk.pt", *common)
+    assert _ppl_line(topk) == _ppl_line(plain)
+
+
+def _hypotheses(proc) -> dict:
+    return {int(i): (float(score), text) for i, score, text in re.findall(r"^H-(\d+)\t(\S+)\t(.*)$", proc.stdout, re.M)}
+
+
+def test_generate_on_stock_checkpoint_k_all_is_exact(work, tmp_path):
+    teacher = work / "mt-teacher" / "checkpoint_last.pt"
+    _convert(teacher, tmp_path / "mt-topk.pt", "--topk-k", "1000")
+    common = ["--user-dir", USER_DIR, "--cpu", "--beam", "4", "--max-tokens", "2048", "--scoring", "sacrebleu",
+              "--required-batch-size-multiple", "1"]
+    plain = run("fairseq-generate", work / "bin-mt", "--path", teacher, *common)
+    topk = run("fairseq-generate", work / "bin-mt", "--path", tmp_path / "mt-topk.pt", *common)
+    want, got = _hypotheses(plain), _hypotheses(topk)
+    assert len(want) == 60 and got.keys() == want.keys()
+    assert all(got[i][1] == want[i][1] and math.isclose(got[i][0], want[i][0], abs_tol=1e-5) for i in want)
+    bleu = r"BLEU = [\d.]+ .*"
+    assert re.search(bleu, topk.stdout).group(0) == re.search(bleu, plain.stdout).group(0)
+
+
+def test_finetune_from_stock_checkpoint_and_bad_option_fails_at_build(work, tmp_path):
+    teacher = work / "lm-teacher" / "checkpoint_last.pt"
+    ok = run("fairseq-train", work / "bin-lm", "--user-dir", USER_DIR, *LM_TASK, "--arch", "topk_transformer_lm",
+             "--topk-k", "4", *TRAIN, "--max-update", "3", "--save-dir", tmp_path / "ft", "--finetune-from-model", teacher)
+    assert "num_updates 3" in ok.stdout + ok.stderr and (tmp_path / "ft" / "checkpoint_last.pt").exists()
+    bad = run("fairseq-train", work / "bin-lm", "--user-dir", USER_DIR, *LM_TASK, "--arch", "topk_transformer_lm",
+              "--topk-k", "0", *TRAIN, "--max-update", "3", "--save-dir", tmp_path / "bad",
+              "--finetune-from-model", teacher, ok=False)
+    assert bad.returncode != 0
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "t2r_fairseq.models.topk_config.TopkOptionError: --topk-k must be >= 1 (keys kept per query), got 0")
+    assert not list((tmp_path / "bad").glob("*.pt"))
