@@ -9,6 +9,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from t2r_fairseq.ops.topk_attention import topk_attention, topk_feed_forward, topk_hidden
 
@@ -105,6 +107,40 @@ def test_chunked_equals_unchunked(chunk, grad):
         qg = q.clone().requires_grad_(grad)
         out, _ = topk_attention(qg, k, v, 5, key_padding_mask=mask, causal=True, query_chunk=chunk)
     torch.testing.assert_close(out, whole, atol=1e-6, rtol=1e-6)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op produces (forward or backward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_never_builds_l_by_l(grad):
+    """L = 512, chunk 64, k = 4: no op in forward or backward makes a tensor of B*H*L*L/4 elements, and what
+    autograd keeps for backward (distinct tensors) is O(L k d) plus the inputs, far below B*H*L*L."""
+    L = 512
+    q, k, v = (t.requires_grad_(grad) for t in _qkv(L, L, seed=9))
+    saved: dict = {}
+    with _LargestTensor() as mode, torch.autograd.graph.saved_tensors_hooks(
+        lambda t: (saved.setdefault((t.data_ptr(), t.numel()), t.numel()), t)[1], lambda t: t
+    ):
+        with torch.set_grad_enabled(grad):
+            out, _ = topk_attention(q, k, v, 4, key_padding_mask=_padding("left", L), causal=True, query_chunk=64)
+        if grad:
+            out.sum().backward()
+    assert mode.largest < B * H * L * L // 4
+    if grad:
+        assert q.grad is not None and sum(saved.values()) < B * H * L * L // 4
 
 
 def test_early_causal_queries_keep_only_allowed_keys():

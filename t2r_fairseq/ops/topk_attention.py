@@ -18,19 +18,21 @@ reshape and keep the KV cache; this file only does the math.
 Memory (``B`` batch, ``H`` heads, ``T`` queries, ``S`` keys, ``d`` head dim,
 ``c`` query chunk):
 
-* forward, no autograd: the ``[B, H, c, S]`` scores of one chunk, its top-k
-  values and indices ``[B, H, c, k]`` and a ``[B, H, c, S]`` scattered weight
-  matrix that multiplies ``v`` (a BLAS matmul, fastest on every device); peak
+* forward, no autograd: the ``[B, H, c, S]`` scores of one chunk (and its
+  masks as one additive ``[B, 1, c, S]`` constant), its top-k values and
+  indices ``[B, H, c, k]`` and a ``[B, H, c, S]`` scattered weight matrix that
+  multiplies ``v`` (a BLAS matmul, fastest on every device); peak
   ``O(c S + T k)`` per head besides the inputs and the output.
 * forward with autograd: the scattered matrix would be saved for backward by
   every chunk (``T x S`` in total), so the kept values are gathered instead:
   ``[B, H, c, k, d]`` per chunk. Backward keeps, per chunk, the top-k indices
   and kept weights (``c k``) and the gathered values (``c k d``), i.e.
-  ``O(T k d)`` overall plus the inputs ``q, k, v``; the chunk's scores are not
-  kept (``topk``'s backward only needs the indices), and recomputing the
-  ``c x S`` score gradient is a transient of one chunk. Never ``T x S``
-  unless ``k >= S``, where top-k is dense softmax and keeps ``T x S`` weights
-  like softmax does.
+  ``O(T k d)`` overall plus the inputs ``q, k, v``. Neither the chunk's scores
+  nor its masks are kept (``topk``'s backward needs only the indices, and the
+  masks are added, not ``masked_fill``-ed); the ``c x S`` score gradient is a
+  transient of one chunk in backward. Never ``T x S`` unless ``k >= S``, where
+  top-k is dense softmax and keeps ``T x S`` weights as softmax does.
+  (``tests/test_topk.py::test_never_builds_l_by_l`` measures both.)
 """
 
 from __future__ import annotations
@@ -46,30 +48,32 @@ DEFAULT_QUERY_CHUNK = 1024
 Activation = Callable[[Tensor], Tensor]
 
 
-def _allowed_mask(
+def _mask_bias(
     rows: Tensor,
     num_keys: int,
     key_padding_mask: Optional[Tensor],
     causal: bool,
     query_offset: int,
     attn_mask: Optional[Tensor],
-) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-    """(disallowed ``[B|1, 1, c, S]`` bool or None, additive ``[c, S]`` float or None) for query rows ``rows``."""
-    banned: Optional[Tensor] = None
-    if key_padding_mask is not None:
-        banned = key_padding_mask[:, None, None, :]
-    if causal:
-        keys = torch.arange(num_keys, device=rows.device)
-        future = (keys[None, :] > (rows[:, None] + query_offset))[None, None]
-        banned = future if banned is None else banned | future
-    additive: Optional[Tensor] = None
-    if attn_mask is not None:
-        chunk_mask = attn_mask[rows]
-        if chunk_mask.dtype == torch.bool:
-            banned = chunk_mask[None, None] if banned is None else banned | chunk_mask[None, None]
-        else:
-            additive = chunk_mask
-    return banned, additive
+    dtype: torch.dtype,
+) -> Optional[Tensor]:
+    """The masks of query rows ``rows`` as one additive ``[B|1, 1, c, S]`` constant (0 / -inf / attn_mask), or None."""
+    if key_padding_mask is None and not causal and attn_mask is None:
+        return None
+    with torch.no_grad():
+        bias = torch.zeros(1, 1, rows.numel(), num_keys, dtype=dtype, device=rows.device)
+        if attn_mask is not None:
+            chunk = attn_mask[rows]
+            if chunk.dtype == torch.bool:
+                bias = bias.masked_fill(chunk, float("-inf"))
+            else:
+                bias = bias + chunk.to(dtype)
+        if causal:
+            keys = torch.arange(num_keys, device=rows.device)
+            bias = bias.masked_fill(keys[None, :] > (rows[:, None] + query_offset), float("-inf"))
+        if key_padding_mask is not None:
+            bias = bias.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    return bias
 
 
 def topk_attention(
@@ -124,18 +128,22 @@ def topk_attention(
     for start in range(0, T, query_chunk):
         rows = torch.arange(start, min(start + query_chunk, T), device=q.device)
         scores = torch.matmul(q[:, :, start : start + rows.numel()], kt)  # [B, H, c, S]
-        banned, additive = _allowed_mask(rows, S, key_padding_mask, causal, query_offset, attn_mask)
-        if additive is not None:
-            scores = scores + additive.to(scores.dtype)
-        if banned is not None:
-            scores = scores.masked_fill(banned, float("-inf"))
+        bias = _mask_bias(rows, S, key_padding_mask, causal, query_offset, attn_mask, scores.dtype)
+        # The masks enter as an added constant (-inf where banned): an addition keeps nothing for backward,
+        # where a masked_fill would keep its c x S mask for every chunk (T x S in all).
+        masked = scores if bias is None else scores + bias
         if kk < S:
-            kept, index = scores.topk(kk, dim=-1, sorted=False)  # [B, H, c, kk]
+            kept, index = masked.topk(kk, dim=-1, sorted=False)  # [B, H, c, kk]; backward keeps the indices
         else:
-            kept, index = scores, None
+            kept, index = masked, None
+        empty: Optional[Tensor] = None
+        if bias is not None:
+            with torch.no_grad():  # queries with no allowed key at all (a fully padded row) attend to nothing
+                empty = torch.isneginf(kept).all(dim=-1, keepdim=True)
+            kept = kept.masked_fill(empty, 0.0)
         probs = torch.softmax(kept, dim=-1, dtype=torch.promote_types(kept.dtype, torch.float32))
-        # Rows with no allowed key at all: softmax of all -inf is NaN; such rows attend to nothing.
-        probs = probs.masked_fill(kept == float("-inf"), 0.0)
+        if empty is not None:
+            probs = probs.masked_fill(empty, 0.0)
         if need_weights:
             dense = probs if index is None else torch.zeros_like(scores, dtype=probs.dtype).scatter_(-1, index, probs)
             weight_chunks.append(dense)
