@@ -153,6 +153,17 @@ def test_early_causal_queries_keep_only_allowed_keys():
     torch.testing.assert_close(w[:, :, 0, 0], torch.ones(B, H))
 
 
+@pytest.mark.parametrize("kind", ["float", "bool"])
+def test_explicit_attn_mask_equals_causal(kind):
+    """fairseq's own T x S mask (additive -inf future mask, or bool) sliced per chunk == the built-in causal mask."""
+    q, k, v = _qkv(12, 12, seed=10)
+    future = torch.ones(12, 12, dtype=torch.bool).triu(1)
+    mask = future if kind == "bool" else torch.zeros(12, 12).masked_fill(future, float("-inf"))
+    want, _ = topk_attention(q, k, v, 3, causal=True, query_chunk=5)
+    got, _ = topk_attention(q, k, v, 3, attn_mask=mask, query_chunk=5)
+    torch.testing.assert_close(got, want)
+
+
 def test_fully_padded_row_outputs_zeros_not_nan():
     q, k, v = _qkv(4, 6, seed=4)
     mask = torch.zeros(B, 6, dtype=torch.bool)
@@ -256,7 +267,7 @@ from fairseq.sequence_generator import SequenceGenerator  # noqa: E402
 
 from helpers import build_lm, build_mt, random_tokens  # noqa: E402
 from t2r_fairseq.models.topk_config import TopkOptionError  # noqa: E402
-from t2r_fairseq.modules.topk_multihead_attention import TopkMultiheadAttention  # noqa: E402
+from t2r_fairseq.modules.topk_multihead_attention import TopkMultiheadAttention, TopkOptions  # noqa: E402
 
 FFN = 64  # helpers' --decoder-ffn-embed-dim / --encoder-ffn-embed-dim
 
@@ -322,6 +333,21 @@ def test_lm_small_k_incremental_equals_full_forward(tmp_path):
     torch.testing.assert_close(inc, full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(full[:, :2], plain[:, :2], atol=1e-5, rtol=1e-5)  # <= 2 keys: exact
     assert (full - plain).abs().max() > 1e-3  # later positions really drop keys
+
+
+def test_module_prompt_then_steps_equals_full_forward():
+    """Several new positions in one incremental call (fairseq's decoder feeds one, but the module allows a
+    prompt) see the cache and each other causally; then single steps continue from the cache."""
+    torch.manual_seed(0)
+    attn = TopkMultiheadAttention(16, 4, TopkOptions(k=3, query_chunk=4), causal=True, self_attention=True).eval()
+    x = torch.randn(10, 2, 16)
+    state: dict = {}
+    with torch.no_grad():
+        full, _ = attn(x, x, x, need_weights=False)
+        prompt, _ = attn(x[:6], x[:6], x[:6], incremental_state=state, need_weights=False)
+        steps = [attn(x[t : t + 1], x[t : t + 1], x[t : t + 1], incremental_state=state, need_weights=False)[0]
+                 for t in range(6, 10)]
+    torch.testing.assert_close(torch.cat([prompt, *steps]), full, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("topk", [9, 500])
