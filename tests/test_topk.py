@@ -541,3 +541,13 @@ def test_finetune_from_stock_checkpoint_and_bad_option_fails_at_build(work, tmp_
     assert bad.stderr.strip().splitlines()[-1] == (
         "t2r_fairseq.models.topk_config.TopkOptionError: --topk-k must be >= 1 (keys kept per query), got 0")
     assert not list((tmp_path / "bad").glob("*.pt"))
+
+
+def test_bench_training_has_topk_rows(tmp_path):
+    from t2r_fairseq.bench.cli import main as bench
+
+    res = bench(["--tiny", "--skip", "decode", "--out", str(tmp_path), "--train-lengths", "32,64", "--chunk-sweep", "16",
+                 "--warmup", "0", "--repeats", "1", "--topk-k", "4", "--topk-query-chunk", "16"])
+    rows = [r for r in res["train"] if r["variant"] == "topk_k4"]
+    assert [r["length"] for r in rows] == [32, 64] and all(r["saved_activation_bytes"] > 0 for r in rows)
+    assert "train_topk_k4_speedup_vs_sdpa_L64" in res["summary"]

@@ -10,8 +10,9 @@
 2. decode memory: bytes of the incremental state, and the peak memory of each
    configuration (resident set on the CPU, allocator peak on CUDA);
 3. training: forward + backward of the attention core vs sequence length for
-   chunkwise linear attention, SDPA softmax and the naive quadratic form (plus
-   fla's kernel where installed on CUDA), and a chunk-size sweep.
+   chunkwise linear attention, SDPA softmax, chunked top-k softmax attention
+   and the naive quadratic form (plus fla's kernel where installed on CUDA),
+   and a chunk-size sweep.
 
 Each figure is the median of ``--repeats`` timed calls after ``--warmup``
 untimed ones, with the spread beside it. Output: ``results.md``,
@@ -89,6 +90,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--chunk-size", type=int, default=64)
     g.add_argument("--chunk-sweep", type=_ints, default=_ints("16,32,64,128,256"))
     g.add_argument("--naive-max-length", type=int, default=2048, help="skip the O(L^2) form above this length")
+    # Top-k attention (Gupta et al. 2021): the chunked op of t2r_fairseq.ops.topk_attention.
+    g.add_argument("--topk-k", type=int, default=32, help="also time chunked top-k attention with this k (0: skip)")
+    g.add_argument("--topk-query-chunk", type=int, default=256, help="top-k attention's query chunk")
     g = ap.add_argument_group("run")
     g.add_argument("--warmup", type=int, default=2)
     g.add_argument("--repeats", type=int, default=7)
