@@ -405,6 +405,14 @@ def test_beam_search_reorders_the_kv_cache(tmp_path):
                 logits, _ = model(src[i : i + 1, lengths.max() - lengths[i] :], lengths[i : i + 1], prev)
             lprobs = torch.log_softmax(logits.float(), dim=-1)[0].gather(-1, tokens[0, :, None])[:, 0]
             torch.testing.assert_close(hypo["positional_scores"], lprobs, atol=1e-4, rtol=1e-4)
+    # fairseq's beam-shared source (set_beam_size: one copy of the cross-attention keys per sentence) is the same.
+    model.decoder.set_beam_size(3)
+    assert model.decoder.layers[0].encoder_attn.beam_size == 3
+    for got, want in zip(_beam_search(model, task, src, lengths), hypos):
+        assert [h["tokens"].tolist() for h in got] == [h["tokens"].tolist() for h in want]
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g["positional_scores"], w["positional_scores"], atol=1e-5, rtol=1e-5)
+    model.decoder.set_beam_size(1)
     for module in _topk_modules(model):
         module.options = type(module.options)(k=1000, query_chunk=module.options.query_chunk)
     exact, plain = _beam_search(model, task, src, lengths), _beam_search(softmax, task, src, lengths)

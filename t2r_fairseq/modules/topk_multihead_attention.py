@@ -135,11 +135,13 @@ class TopkMultiheadAttention(MultiheadAttention):
             self._set_input_buffer(incremental_state, saved_state)
         assert k is not None and v is not None
 
-        if k.size(0) != bsz:  # beam-shared source: expand per hypothesis (small: S x d per beam)
-            repeat = bsz // k.size(0)
-            k, v = k.repeat_interleave(repeat, dim=0), v.repeat_interleave(repeat, dim=0)
-            if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask.repeat_interleave(repeat, dim=0)
+        kv_bsz, beams = k.size(0), bsz // k.size(0)
+        if beams > 1:
+            # Beam-shared source (fairseq's set_beam_size): one copy of the keys per sentence; fold the
+            # sentence's beams into its query rows instead of copying the keys per beam at every step.
+            assert not self.causal
+            q = q.view(kv_bsz, beams, self.num_heads, tgt_len, self.head_dim).transpose(1, 2)
+            q = q.reshape(kv_bsz, self.num_heads, beams * tgt_len, self.head_dim)
         if key_padding_mask is not None:
             key_padding_mask = key_padding_mask.to(torch.bool) if key_padding_mask.dim() > 0 else None
 
@@ -153,6 +155,12 @@ class TopkMultiheadAttention(MultiheadAttention):
             dropout_p=dropout_p,
             need_weights=need_weights,
         )
+        if beams > 1:
+            out = out.view(kv_bsz, self.num_heads, beams, tgt_len, -1).transpose(1, 2)
+            out = out.reshape(bsz, self.num_heads, tgt_len, -1)
+            if weights is not None:
+                weights = weights.view(kv_bsz, self.num_heads, beams, tgt_len, -1).transpose(1, 2)
+                weights = weights.reshape(bsz, self.num_heads, tgt_len, -1)
         out = self.out_proj(out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, self.embed_dim))
         if weights is not None:
             weights = weights.to(query.dtype).transpose(0, 1)  # [H, B, T, S], fairseq's head-weights layout

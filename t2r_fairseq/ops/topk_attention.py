@@ -118,6 +118,8 @@ def topk_attention(
         raise ValueError(f"query_chunk must be >= 1, got {query_chunk}")
     B, H, T, _ = q.shape
     S = k.size(2)
+    if causal and T > S:
+        raise ValueError(f"causal attention needs the queries to be the last of the keys (T <= S), got T={T}, S={S}")
     kk = min(topk, S)
     query_offset = S - T
     # Autograd decides how the kept values are mixed (see the module docstring).
@@ -137,7 +139,7 @@ def topk_attention(
         else:
             kept, index = masked, None
         empty: Optional[Tensor] = None
-        if bias is not None:
+        if key_padding_mask is not None or attn_mask is not None:  # (causal alone always allows key 0)
             with torch.no_grad():  # queries with no allowed key at all (a fully padded row) attend to nothing
                 empty = torch.isneginf(kept).all(dim=-1, keepdim=True)
             kept = kept.masked_fill(empty, 0.0)
@@ -159,8 +161,10 @@ def topk_attention(
         else:
             dense_probs = torch.zeros(scores.shape, dtype=v.dtype, device=v.device).scatter_(-1, index, probs)
             outs.append(torch.matmul(dense_probs, v))
-    out = torch.cat(outs, dim=2)
-    weights = torch.cat(weight_chunks, dim=2) if need_weights else None
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    weights = None
+    if need_weights:
+        weights = weight_chunks[0] if len(weight_chunks) == 1 else torch.cat(weight_chunks, dim=2)
     return out, weights
 
 
