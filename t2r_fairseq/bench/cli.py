@@ -10,9 +10,8 @@
 2. decode memory: bytes of the incremental state, and the peak memory of each
    configuration (resident set on the CPU, allocator peak on CUDA);
 3. training: forward + backward of the attention core vs sequence length for
-   chunkwise linear attention, SDPA softmax, chunked top-k softmax attention
-   and the naive quadratic form (plus fla's kernel where installed on CUDA),
-   and a chunk-size sweep.
+   chunkwise linear attention, SDPA softmax and the naive quadratic form (plus
+   fla's kernel where installed on CUDA), and a chunk-size sweep.
 
 Each figure is the median of ``--repeats`` timed calls after ``--warmup``
 untimed ones, with the spread beside it. Output: ``results.md``,
