@@ -2,8 +2,9 @@
 
 Use as a fairseq user directory: ``fairseq-train --user-dir t2r_fairseq ...``.
 Importing it registers the ``t2r_transformer`` and ``t2r_transformer_lm``
-models with their architectures and the ``t2r_attention_transfer`` criterion, makes fairseq checkpoints loadable under
-torch's safe (``weights_only``) unpickler, and restores the one numpy alias
+models with their architectures, the top-k models ``topk_transformer`` and
+``topk_transformer_lm``, and the ``t2r_attention_transfer`` criterion, makes
+fairseq checkpoints loadable under torch's safe (``weights_only``) unpickler, and restores the one numpy alias
 fairseq 0.12 still uses (see :mod:`t2r_fairseq.fairseq_compat`).
 """
 
@@ -19,5 +20,8 @@ restore_numpy_compat_long()
 
 from t2r_fairseq.models import t2r_transformer, t2r_transformer_lm  # noqa: E402,F401  (registration)
 from t2r_fairseq.criterions import attention_transfer  # noqa: E402,F401  (registration)
+
+# Top-k attention (Gupta et al. 2021): models that evaluate a softmax checkpoint with no new tensors.
+from t2r_fairseq.models import topk_transformer, topk_transformer_lm  # noqa: E402,F401  (registration)
 
 __version__ = "0.1.0"

@@ -72,7 +72,7 @@ def summarise(decode: List[dict], train: List[dict], cfg) -> Dict[str, float]:  
                     out[f"{p}_t2r_over_softmax_tokens_per_s_generating_{n}"] = sm / t2r
     for L in cfg.train_lengths:
         sd = _pick(train, variant="sdpa_softmax", length=L)
-        for variant in ("chunkwise", "fla_chunk"):
+        for variant in ("chunkwise", "fla_chunk", f"topk_k{getattr(cfg, 'topk_k', 0)}"):
             ck = _pick(train, variant=variant, length=L)
             if sd and ck:
                 out[f"train_{variant}_speedup_vs_sdpa_L{L}"] = sd["median_ms"] / ck["median_ms"]

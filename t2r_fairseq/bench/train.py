@@ -14,6 +14,10 @@ Variants, on the same ``q, k, v: [B, H, L, d]``:
   the ``fla`` package and a CUDA device are present (see
   :mod:`t2r_fairseq.ops.fla_backend`).
 
+With ``--topk-k k`` (default 32; 0 skips it) also ``topk_k<k>``: chunked top-k
+softmax attention (Gupta et al. 2021, :func:`t2r_fairseq.ops.topk_attention.topk_attention`),
+``--topk-query-chunk`` queries at a time.
+
 Memory: on the CPU, the bytes autograd saves for backward (what grows with L in
 training); on CUDA, also the allocator's peak.
 """
@@ -64,6 +68,11 @@ def _variants(cfg: argparse.Namespace, fmap: torch.nn.Module, device: torch.devi
     if fla_backend.available(device):
         variants["fla_chunk"] = lambda q, k, v: causal_linear_attention(
             fmap(q, True), fmap(k, False), v, backend="fla")[0]
+    if getattr(cfg, "topk_k", 0):  # top-k attention: keep cfg.topk_k keys per query, query chunks of topk_query_chunk
+        from t2r_fairseq.ops.topk_attention import topk_attention
+
+        variants[f"topk_k{cfg.topk_k}"] = lambda q, k, v: topk_attention(
+            q * q.size(-1) ** -0.5, k, v, cfg.topk_k, causal=True, query_chunk=cfg.topk_query_chunk)[0]
     return variants
 
 
