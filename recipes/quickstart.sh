@@ -13,7 +13,8 @@
 # Finished stages are skipped (delete or --force to redo); everything lands under --out (default runs/quickstart).
 # Budgets: QS_TEACHER_UPDATES, QS_FINETUNE_UPDATES. Compared models: QS_MODELS (default "t2r t2r_paper elu t2r_scratch":
 # t2r = the recommended recipe (tools.convert: swap + feature maps calibrated to the teacher's attention, then
-# finetuning with --feature-map-lr-scale 8), t2r_paper = the paper's (finetune straight from the teacher);
+# finetuning with --feature-map-lr-scale 8, the default), t2r_paper = the paper's (finetune straight from the
+# teacher, --feature-map-lr-scale 1);
 # also available: rfa, performer, hedgehog (swap-finetune with that map), t2r_scratch_long (from scratch, teacher budget),
 # <map>_at_mse / <map>_at_ce (e.g. t2r_at_mse, hedgehog_at_ce: attention transfer with that loss for QS_TRANSFER_UPDATES
 # (default a third of the finetune budget), then the task loss + QS_TRANSFER_WEIGHT (default 0) x transfer; same total updates)).
@@ -122,7 +123,8 @@ if has_stage finetune; then
           train "$name" "$kind" "$FINETUNE_UPDATES" $t2r_arch --feature-map t2r --feature-size $FEAT \
             --feature-map-lr-scale 8 --finetune-from-model "$swapped";;
         t2r_paper)
-          train "$name" "$kind" "$FINETUNE_UPDATES" $t2r_arch --feature-map t2r --feature-size $FEAT --finetune-from-model "$teacher";;
+          train "$name" "$kind" "$FINETUNE_UPDATES" $t2r_arch --feature-map t2r --feature-size $FEAT \
+            --feature-map-lr-scale 1 --finetune-from-model "$teacher";;
         elu|rfa|performer|hedgehog)
           train "$name" "$kind" "$FINETUNE_UPDATES" $t2r_arch --feature-map "$name" --feature-size $FEAT --finetune-from-model "$teacher";;
         *_at_mse|*_at_ce)  # <map>_at_<loss>: attention transfer, then task finetuning, same total updates
