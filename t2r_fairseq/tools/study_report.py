@@ -105,7 +105,8 @@ def plot(results: Results, out: Path, docs: Optional[Path]) -> None:
             ax.set_ylabel("test perplexity" if kind == "lm" else "sacreBLEU")
             if kind == "lm":
                 ax.set_yscale("log")
-            ax.set_title(f"{'WikiText-2 LM' if kind == 'lm' else 'Multi30k EN-DE'}: {subset}")
+            names = {"test": "test_2016_flickr", "test1": "test_2017_flickr"} if kind == "mt" else {}
+            ax.set_title(f"{'WikiText-2 LM' if kind == 'lm' else 'Multi30k EN-DE'}: {names.get(subset, subset)}")
             ax.grid(alpha=0.3)
         axes[0][-1].legend(fontsize=7, loc="best")
         fig.tight_layout()
