@@ -80,3 +80,14 @@ def test_bench_refuses_bad_configuration_before_running(tmp_path, capsys, argv, 
         bench.main(["--tiny", "--out", str(tmp_path / "out"), *argv])
     assert err.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_bench_topk_decode_rows_keep_a_kv_cache(tmp_path):
+    res = bench.main(["--tiny", "--out", str(tmp_path), "--threads", "1", "--skip", "train", "--topk-decode-k", "4"])
+    rows = {(r["task"], r["model"], r["batch"], r["context"]): r for r in res["decode"]}
+    for task in ("lm", "mt"):
+        for ctx in (8, 32):  # top-k reads the same KV cache as softmax: the same state, growing with the context
+            assert rows[(task, "topk_k4", 1, ctx)]["state_bytes"] == rows[(task, "softmax", 1, ctx)]["state_bytes"]
+            assert rows[(task, "topk_k4", 1, ctx)]["median_ms"] > 0
+    with pytest.raises(SystemExit):
+        bench.main(["--tiny", "--out", str(tmp_path), "--topk-decode-k", "-1"])

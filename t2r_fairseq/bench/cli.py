@@ -98,6 +98,9 @@ def parser() -> argparse.ArgumentParser:
     # Top-k attention (Gupta et al. 2021): the chunked op of t2r_fairseq.ops.topk_attention.
     g.add_argument("--topk-k", type=int, default=32, help="also time chunked top-k attention with this k (0: skip)")
     g.add_argument("--topk-query-chunk", type=int, default=256, help="top-k attention's query chunk")
+    g.add_argument("--topk-decode-k", type=int, default=0,
+                   help="also time decode steps of the top-k attention models (topk_transformer[_lm]) keeping K cached "
+                   "keys per step (0: skip)")
     g = ap.add_argument_group("run")
     g.add_argument("--warmup", type=int, default=2)
     g.add_argument("--repeats", type=int, default=7)
@@ -123,6 +126,8 @@ def _check(ap: argparse.ArgumentParser, cfg: argparse.Namespace) -> None:
         ap.error(f"--dim {cfg.dim} must be divisible by --heads {cfg.heads}")
     if cfg.sliding_window < 0:
         ap.error(f"--sliding-window must be >= 0 (0: no hybrid rows), got {cfg.sliding_window}")
+    if cfg.topk_decode_k < 0:
+        ap.error(f"--topk-decode-k must be >= 0 (0: no top-k decode rows), got {cfg.topk_decode_k}")
     if cfg.repeats < 1 or cfg.warmup < 0:
         ap.error("--repeats must be >= 1 and --warmup >= 0")
 

@@ -15,6 +15,10 @@ Three models of the same size, built through fairseq's own argument parsing
 * ``t2r_hybrid`` (with ``--sliding-window W``, rows named ``t2r_hybrid_wW``):
   T2R whose decoder self-attention is the sliding-window hybrid; its state is a
   ``W``-token KV ring buffer plus ``(S, z)`` (cross-attention as T2R);
+* ``topk`` (with ``--topk-decode-k K``, rows named ``topk_kK``): fairseq's
+  softmax model with top-k attention in every attention (``topk_transformer_lm``
+  / ``topk_transformer``): the same KV cache as softmax, each step keeps the
+  K best of the cached keys;
 * ``no_attention``: the attention-free lower bound — the same model whose
   attention blocks keep their projections but mix no tokens and keep no state.
 
@@ -34,11 +38,14 @@ from torch import Tensor, nn
 
 from t2r_fairseq.bench.measure import peak_memory_mib, reset_peak_memory, timeit
 
-KINDS = ("no_attention", "t2r", "t2r_unfused", "t2r_hybrid", "softmax")
+KINDS = ("no_attention", "t2r", "t2r_unfused", "t2r_hybrid", "topk", "softmax")
+KV_CACHE_KINDS = ("topk", "softmax")  # state grows with the prefix: timed last (see bench_decode)
 
 
 def model_label(kind: str, cfg: argparse.Namespace) -> str:
     """The row's model name: the kind, with the window spelled out for the hybrid."""
+    if kind == "topk":
+        return f"topk_k{cfg.topk_decode_k}"
     return f"t2r_hybrid_w{cfg.sliding_window}" if kind == "t2r_hybrid" else kind
 
 
@@ -91,12 +98,13 @@ def build_model(task: str, kind: str, cfg: argparse.Namespace, max_positions: in
     dictionary = _dictionary(cfg.vocab)
     dim, ffn, heads, layers = str(cfg.dim), str(4 * cfg.dim), str(cfg.heads), str(cfg.layers)
     linear = kind.startswith("t2r")
+    prefix = "t2r_" if linear else ("topk_" if kind == "topk" else "")
     if task == "lm":
-        arch = "t2r_transformer_lm" if linear else "transformer_lm"
+        arch = prefix + "transformer_lm"
         argv = ["--task", "language_modeling", "--decoder-input-dim", dim, "--decoder-output-dim", dim,
                 "--tokens-per-sample", str(max_positions)]
     else:
-        arch = "t2r_transformer" if linear else "transformer"
+        arch = prefix + "transformer"
         argv = ["--task", "translation", "-s", "src", "-t", "tgt", "--encoder-layers", layers,
                 "--encoder-embed-dim", dim, "--encoder-ffn-embed-dim", ffn, "--encoder-attention-heads", heads,
                 "--max-source-positions", str(max_positions)]
@@ -107,6 +115,8 @@ def build_model(task: str, kind: str, cfg: argparse.Namespace, max_positions: in
         argv += ["--feature-size", str(cfg.feature_size)]
     if kind == "t2r_hybrid":
         argv += ["--sliding-window", str(cfg.sliding_window)]
+    if kind == "topk":
+        argv += ["--topk-k", str(cfg.topk_decode_k)]
     args = options.parse_args_and_arch(options.get_training_parser(), argv)
     if task == "lm":
         fairseq_task = tasks.language_modeling.LanguageModelingTask(args, dictionary, dictionary)
@@ -128,7 +138,7 @@ def build_model(task: str, kind: str, cfg: argparse.Namespace, max_positions: in
 
 def _attention_buffer(attn: nn.Module, kind: str, batch: int, length: int, device: torch.device, dtype) -> dict:  # noqa: ANN001
     H, d = attn.num_heads, attn.head_dim
-    if kind == "softmax":
+    if kind in KV_CACHE_KINDS:
         shape = (batch, H, length, d)
         return {"prev_key": torch.randn(shape, device=device, dtype=dtype),
                 "prev_value": torch.randn(shape, device=device, dtype=dtype), "prev_key_padding_mask": None}
@@ -213,9 +223,11 @@ def bench_decode(cfg: argparse.Namespace) -> List[dict]:
     are compared with the bound (T2R, the bound itself) run first.
     """
     rows: List[dict] = []
-    optional = {"t2r_unfused": cfg.compare_unfused, "t2r_hybrid": getattr(cfg, "sliding_window", 0) > 0}
-    kinds = [k for k in KINDS if k != "softmax" and optional.get(k, True)]
-    order = [(t, k) for k in kinds for t in cfg.tasks] + [(t, "softmax") for t in cfg.tasks]
+    optional = {"t2r_unfused": cfg.compare_unfused, "t2r_hybrid": getattr(cfg, "sliding_window", 0) > 0,
+                "topk": getattr(cfg, "topk_decode_k", 0) > 0}
+    kinds = [k for k in KINDS if optional.get(k, True)]
+    order = [(t, k) for k in kinds if k not in KV_CACHE_KINDS for t in cfg.tasks]
+    order += [(t, k) for k in kinds if k in KV_CACHE_KINDS for t in cfg.tasks]
     for task, kind in order:
         rows += bench_decode_model(task, kind, cfg)
     return rows

@@ -23,6 +23,10 @@ _LOG = re.compile(r"^(?P<row>.+)\.(?P<kind>lm|mt)\.(?P<point>\d+)\.(?P<subset>\w
 _PPL = re.compile(r"Perplexity: ([0-9.]+)")
 _BLEU = re.compile(r"sacreBLEU = ([0-9.]+) .*signature: (\S+)")
 
+# The study's fairseq subset names -> the corpus files they hold (recipes/accuracy_study.sh)
+SUBSET_NAMES = {"mt": {"test": "test_2016_flickr", "test1": "test_2017_flickr", "valid": "val"},
+                "lm": {"test": "test.txt"}}
+
 Results = Dict[str, Dict[str, Dict[str, Dict[int, float]]]]  # kind -> subset -> row -> point -> value
 
 
@@ -58,7 +62,8 @@ def markdown(results: Results, signature: Optional[str]) -> str:
             points = sorted({p for r, pts in rows.items() if r != "teacher" for p in pts})
             if not points:
                 continue
-            lines.append(f"\n### {kind.upper()} {metric}, subset `{subset}` (teacher: {teacher})\n")
+            label = SUBSET_NAMES.get(kind, {}).get(subset, subset)
+            lines.append(f"\n### {kind.upper()} {metric}, `{label}` (teacher: {teacher})\n")
             lines.append("| row | " + " | ".join(f"{p} upd" for p in points) + " | vs teacher (last point) |")
             lines.append("|---" * (len(points) + 2) + "|")
             for row, pts in sorted(rows.items()):
@@ -105,8 +110,8 @@ def plot(results: Results, out: Path, docs: Optional[Path]) -> None:
             ax.set_ylabel("test perplexity" if kind == "lm" else "sacreBLEU")
             if kind == "lm":
                 ax.set_yscale("log")
-            names = {"test": "test_2016_flickr", "test1": "test_2017_flickr"} if kind == "mt" else {}
-            ax.set_title(f"{'WikiText-2 LM' if kind == 'lm' else 'Multi30k EN-DE'}: {names.get(subset, subset)}")
+            label = SUBSET_NAMES.get(kind, {}).get(subset, subset)
+            ax.set_title(f"{'WikiText-2 LM' if kind == 'lm' else 'Multi30k EN-DE'}: {label}")
             ax.grid(alpha=0.3)
         axes[0][-1].legend(fontsize=7, loc="best")
         fig.tight_layout()
