@@ -37,12 +37,10 @@ from omegaconf import OmegaConf, open_dict
 import t2r_fairseq  # noqa: F401  (registers the models)
 from t2r_fairseq.calibration import LayerCalibration, calibrate_feature_maps
 from t2r_fairseq.swap import NEW_TENSOR_PATTERN
-from t2r_fairseq.tools.arch_flags import architecture_flags
+from t2r_fairseq.tools.arch_flags import T2R_MODELS, architecture_flags
 
 logger = logging.getLogger("t2r_fairseq.convert")
 
-# softmax model name -> its T2R counterpart
-T2R_MODELS = {"transformer": "t2r_transformer", "transformer_lm": "t2r_transformer_lm"}
 
 
 class ConvertError(ValueError):
