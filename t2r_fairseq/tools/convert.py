@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 from fairseq import checkpoint_utils, tasks, utils
-from fairseq.models import ARCH_MODEL_REGISTRY
+from fairseq.models import ARCH_MODEL_NAME_REGISTRY, ARCH_MODEL_REGISTRY
 from omegaconf import OmegaConf, open_dict
 
 import t2r_fairseq  # noqa: F401  (registers the models)
@@ -53,7 +53,7 @@ def _model_name(model_cfg: Any) -> str:
 
 def t2r_model_config(model_cfg: Any, options: Dict[str, Any]) -> Any:
     """The teacher's model config turned into the T2R model's: same dimensions, T2R options set."""
-    name = _model_name(model_cfg)
+    name = ARCH_MODEL_NAME_REGISTRY.get(_model_name(model_cfg), _model_name(model_cfg))  # a preset -> its model
     if name not in T2R_MODELS:
         if name in T2R_MODELS.values():
             raise ConvertError(f"the teacher is already a T2R model ({name}); give the softmax checkpoint")
