@@ -7,6 +7,7 @@ text visible in ``fairseq-train --help``.
 """
 
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -78,12 +79,78 @@ class T2RConfig(FairseqDataclass):
     )
 
 
+class T2ROptionError(ValueError):
+    """A T2R option is out of range; raised when the model is built, before fairseq loads or writes anything.
+
+    Without these checks a bad value surfaces only inside the first training
+    step (``--linear-chunk-size 0``: a ``ValueError`` from the attention;
+    ``--linear-eps -1``: fairseq's "gradients are Nan/Inf"), after fairseq has
+    already written a ``crash.pt`` the size of the model.
+    """
+
+
+def _option(args: Any, name: str, default: Any) -> Any:
+    value = safe_getattr(args, name, default)
+    return default if value is None else value
+
+
+def _check_int(option: str, value: Any, low: int, meaning: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise T2ROptionError(f"{option} must be an integer >= {low} ({meaning}), got {value!r}")
+    return value
+
+
+def _check_positive_float(option: str, value: Any, meaning: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not (number > 0 and math.isfinite(number)):
+        raise T2ROptionError(f"{option} must be a finite number > 0 ({meaning}), got {value!r}")
+    return number
+
+
+def _check_choice(option: str, value: Any, choices: Any) -> str:
+    if str(value) not in choices:
+        raise T2ROptionError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
+    return str(value)
+
+
+def validate_t2r_options(args: Any) -> None:
+    """Check every T2R option of ``args`` (namespace / config) and raise one :class:`T2ROptionError` line.
+
+    Called by the models' ``build_model`` and by :func:`attention_options`, so
+    every way of building a T2R model (``fairseq-train``, hydra, checkpoint
+    loading, the tools) is checked before anything is trained or written.
+    """
+    feature_map = _check_choice("--feature-map", _option(args, "feature_map", "t2r"), sorted(FEATURE_MAPS))
+    uses_size = FEATURE_MAPS[feature_map].uses_feature_size
+    size = _option(args, "feature_size", 32)
+    if uses_size:
+        _check_int("--feature-size", size, 1, f"features per head of the {feature_map} feature map")
+    cross = safe_getattr(args, "cross_feature_size", None)
+    if cross is not None and uses_size:
+        _check_int("--cross-feature-size", cross, 1, "features per head of the encoder-decoder attention's map; "
+                   "omit it to use --feature-size")
+    _check_int("--linear-chunk-size", _option(args, "linear_chunk_size", DEFAULT_CHUNK_SIZE), 1,
+               "tokens per chunk of the chunkwise causal attention")
+    _check_positive_float("--linear-eps", _option(args, "linear_eps", DEFAULT_EPS),
+                          f"floor of the attention normaliser; default {DEFAULT_EPS:g}")
+    _check_positive_float("--feature-map-lr-scale", _option(args, "feature_map_lr_scale",
+                                                             DEFAULT_FEATURE_MAP_LR_SCALE),
+                          f"learning-rate multiplier of the feature maps; 1 = the paper, "
+                          f"default {DEFAULT_FEATURE_MAP_LR_SCALE:g}")
+    _check_choice("--linear-kernel", _option(args, "linear_kernel", "auto"), list(BACKENDS))
+    _check_choice("--trainable", _option(args, "trainable", "all"), ["all", "attention"])
+    sliding_window_option(args)
+
+
 def sliding_window_option(args: Any) -> int:
     """``--sliding-window``, checked when the model is built (before anything is trained or written)."""
     window = safe_getattr(args, "sliding_window", 0)
     window = 0 if window is None else window
     if isinstance(window, bool) or not isinstance(window, int) or window < 0:
-        raise ValueError(
+        raise T2ROptionError(
             f"--sliding-window must be an integer >= 0 (0: pure linear attention; W >= 1: softmax over the last "
             f"W positions of causal self-attention), got {window!r}"
         )
@@ -91,7 +158,8 @@ def sliding_window_option(args: Any) -> int:
 
 
 def attention_options(args: Any, cross: bool = False) -> LinearAttentionOptions:
-    """Read the T2R fields off a fairseq args namespace / TransformerConfig / DictConfig."""
+    """Read the T2R fields off a fairseq args namespace / TransformerConfig / DictConfig (validated first)."""
+    validate_t2r_options(args)
     size = safe_getattr(args, "feature_size", 32)
     if cross and safe_getattr(args, "cross_feature_size", None) is not None:
         size = args.cross_feature_size

@@ -16,7 +16,7 @@ from fairseq.models.transformer import (
     transformer_wmt_en_de_big,
 )
 
-from t2r_fairseq.models.config import T2RTranslationConfig
+from t2r_fairseq.models.config import T2RTranslationConfig, validate_t2r_options
 from t2r_fairseq.models.layers import T2RTransformerDecoder, T2RTransformerEncoder
 from t2r_fairseq.models.trainable import apply_trainable
 from t2r_fairseq.swap import SwapLoadMixin
@@ -36,6 +36,7 @@ class T2RTransformerModel(SwapLoadMixin, TransformerModel):
 
     @classmethod
     def build_model(cls, args: Any, task: Any) -> "T2RTransformerModel":
+        validate_t2r_options(args)  # one line naming a bad option, before anything is built, trained or written
         model = super().build_model(args, task)
         # With --trainable attention a softmax encoder has no swapped attention and
         # stays frozen entirely, as in the authors' code.

@@ -12,7 +12,7 @@ from fairseq.models.transformer_lm import (
     transformer_lm_gpt,
 )
 
-from t2r_fairseq.models.config import T2RConfig
+from t2r_fairseq.models.config import T2RConfig, validate_t2r_options
 from t2r_fairseq.models.layers import T2RTransformerDecoder
 from t2r_fairseq.models.trainable import apply_trainable
 from t2r_fairseq.swap import SwapLoadMixin
@@ -31,6 +31,7 @@ class T2RTransformerLanguageModel(SwapLoadMixin, TransformerLanguageModel):
 
     @classmethod
     def build_model(cls, args: Any, task: Any) -> "T2RTransformerLanguageModel":
+        validate_t2r_options(args)  # one line naming a bad option, before anything is built, trained or written
         # fairseq's build_model picks the token embedder (plain, adaptive input or
         # character CNN) and then hard-codes its own decoder class. Let it build the
         # embedder, then build the T2R decoder around that same module; the
