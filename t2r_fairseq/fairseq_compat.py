@@ -16,6 +16,12 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import io
+import os
+import pickletools
+import re
+import types
+import zipfile
 from typing import Any, List
 
 import torch
@@ -54,17 +60,164 @@ class CheckpointReadError(RuntimeError):
     """A checkpoint file exists but cannot be read; the message names the file."""
 
 
-def name_path_in_checkpoint_errors() -> None:
-    """Make fairseq's checkpoint reader name the file when unpickling fails.
+ZIP_MAGIC = b"PK\x03\x04"  # torch >= 1.6 checkpoints are zip archives
+PICKLE_MAGIC = b"\x80"  # pickle protocol >= 2: torch's legacy format, or a plain pickle
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
-    A truncated or foreign file otherwise surfaces as a bare ``IndexError`` or
-    ``UnpicklingError`` from deep inside torch, with no path. We wrap
-    ``fairseq.checkpoint_utils.load_checkpoint_to_cpu`` (looked up through the
-    module by the trainer, ``load_model_ensemble`` and the hub) once; the
-    original exception stays chained for the details.
+
+def _pickle_globals(data: bytes, limit: int = 4) -> List[str]:
+    """``module.name`` of every global the pickle(s) in ``data`` reference, read without unpickling.
+
+    ``pickletools.genops`` only decodes opcodes, so nothing in the file runs.
+    Torch's legacy format is several pickles in a row (magic number, protocol,
+    system info, the object), hence up to ``limit`` of them.
+    """
+    found: List[str] = []
+    stream = io.BytesIO(data)
+    for _ in range(limit):
+        strings: List[str] = []
+        try:
+            for op, arg, _pos in pickletools.genops(stream):
+                if isinstance(arg, str):
+                    strings.append(arg)
+                if op.name == "GLOBAL":
+                    found.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+        except Exception:  # noqa: BLE001 - a damaged pickle: report what was found before the damage
+            break
+        if stream.tell() >= len(data):
+            break
+    return found
+
+
+_WEIGHTS_ONLY_FAILURE = "Weights only load failed"
+
+
+def _allowed_global_names() -> set:
+    """``module.name`` of the globals safe loading accepts (torch's own types are matched by prefix)."""
+    getter = getattr(torch.serialization, "get_safe_globals", lambda: [])
+    names = {"collections.OrderedDict", "builtins.set", "_codecs.encode"}
+    for g in list(getter()) + SAFE_FAIRSEQ_GLOBALS:
+        g = g[0] if isinstance(g, tuple) else g
+        names.add(f"{getattr(g, '__module__', '')}.{getattr(g, '__qualname__', getattr(g, '__name__', g))}")
+    return names
+
+
+def _weights_only_detail(exc: BaseException) -> str:
+    """The lines of torch's weights-only error that say what was refused, without its advice."""
+    advice = ("weights_only", "Weights only", "Check the documentation", "Please file an issue", "WeightsUnpickler")
+    lines = [l.strip() for l in str(exc).splitlines() if l.strip() and not any(a in l for a in advice)]
+    return "; ".join(lines) or "the file holds objects safe loading does not accept"
+
+
+def describe_unreadable_checkpoint(path: str, exc: BaseException) -> str:
+    """One line saying what ``path`` is instead of a checkpoint, and what to do, from its bytes and ``exc``.
+
+    torch's own messages are either bare (``IndexError: pop from empty list``
+    for a text file) or advise re-running with ``weights_only=False``, which
+    would execute whatever a malicious pickle contains. This never does.
+    """
+    if os.path.isdir(path):
+        return f"cannot read checkpoint {path}: it is a directory -- pass the checkpoint file inside it (checkpoint_*.pt)"
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if size == 0:
+        return f"cannot read checkpoint {path}: the file is empty (0 bytes) -- re-copy it, or pass another checkpoint"
+    if _WEIGHTS_ONLY_FAILURE in str(exc):
+        refused = _REFUSED_GLOBAL.search(str(exc))
+        names = [refused.group(1)] if refused is not None else []
+        if not names and head.startswith(PICKLE_MAGIC):  # torch stopped before naming one (e.g. at a FRAME opcode)
+            with open(path, "rb") as f:
+                allowed = _allowed_global_names()
+                names = [n for n in _pickle_globals(f.read()) if n not in allowed and not n.startswith("torch.")]
+        why = (
+            f"it references the global {names[0]}, which is not allowed in a checkpoint"
+            if names else f"{_weights_only_detail(exc)}"
+        )
+        return (
+            f"cannot read checkpoint {path}: refused by safe loading: {why} (only tensors and fairseq's plain "
+            "config types are allowed); nothing in it was run -- use a checkpoint written by fairseq-train or the "
+            "t2r_fairseq tools"
+        )
+    if head.startswith(ZIP_MAGIC):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                has_pickle = any(n.endswith("/data.pkl") or n == "data.pkl" for n in archive.namelist())
+        except zipfile.BadZipFile:
+            return (
+                f"cannot read checkpoint {path}: a truncated or damaged zip archive ({size} bytes, its directory at "
+                "the end is missing) -- the save or the copy was cut short; re-copy it"
+            )
+        if not has_pickle:
+            return f"cannot read checkpoint {path}: a zip archive but not a torch checkpoint (no data.pkl in it)"
+    elif head.startswith(PICKLE_MAGIC):
+        with open(path, "rb") as f:
+            try:
+                for _ in pickletools.genops(f):  # decodes the first pickle's opcodes; runs nothing
+                    pass
+            except ValueError:  # "pickle exhausted before seeing STOP" (or a cut opcode)
+                return f"cannot read checkpoint {path}: a truncated pickle ({size} bytes) -- re-copy it"
+    else:
+        return (
+            f"cannot read checkpoint {path}: not a torch checkpoint -- it starts with {head[:12]!r}, while torch "
+            f"files start with {ZIP_MAGIC!r} (zip) or {PICKLE_MAGIC!r} (pickle); pass a checkpoint_*.pt that "
+            "fairseq-train wrote"
+        )
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return (
+        f"cannot read checkpoint {path}: a torch file, but not a fairseq checkpoint ({type(exc).__name__}"
+        f"{': ' + detail if detail else ''}) -- pass a checkpoint_*.pt that fairseq-train wrote"
+    )
+
+
+def load_torch_file_safely(path: str) -> Any:
+    """``torch.load`` with safe loading always on (whatever the torch default or environment), errors in one line.
+
+    For tools that read a checkpoint's raw state (no fairseq upgrade); raises
+    :class:`CheckpointReadError` with :func:`describe_unreadable_checkpoint`'s line.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointReadError(describe_unreadable_checkpoint(path, exc)) from None
+
+
+class _SafeLoadingTorch(types.ModuleType):
+    """``torch`` as fairseq's ``checkpoint_utils`` sees it: ``load`` always passes ``weights_only=True``.
+
+    fairseq calls ``torch.load(f, map_location=...)`` and so relies on torch's
+    default, which is unsafe before torch 2.6 and whenever the environment sets
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``; an explicit argument wins over both.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    @staticmethod
+    def load(f: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return torch.load(f, *args, **kwargs)
+
+
+def name_path_in_checkpoint_errors() -> None:
+    """Make fairseq's checkpoint reader load safely and say, in one line naming the file, why a file is unreadable.
+
+    A foreign or truncated file otherwise surfaces as a bare ``IndexError`` or
+    ``UnpicklingError`` from deep inside torch, with no path, or with torch's
+    advice to retry with ``weights_only=False`` (which runs a malicious file's
+    code). We wrap ``fairseq.checkpoint_utils.load_checkpoint_to_cpu`` (looked
+    up through the module by the trainer, ``load_model_ensemble`` and the hub)
+    once; the error is raised ``from None`` so torch's advice is not printed,
+    and the line keeps what the file is (:func:`describe_unreadable_checkpoint`).
     """
     from fairseq import checkpoint_utils
 
+    if getattr(torch.serialization, "add_safe_globals", None) is not None:  # else fairseq configs cannot load safely
+        checkpoint_utils.torch = _SafeLoadingTorch("torch")  # type: ignore[attr-defined]
     original = checkpoint_utils.load_checkpoint_to_cpu
     if getattr(original, "_t2r_wrapped", False):
         return
@@ -76,10 +229,9 @@ def name_path_in_checkpoint_errors() -> None:
         except FileNotFoundError:
             raise
         except Exception as exc:
-            raise CheckpointReadError(
-                f"cannot read checkpoint {path}: {type(exc).__name__}: {exc} -- is it a complete fairseq checkpoint? "
-                "(re-copy it if it was truncated)"
-            ) from exc
+            if not os.path.exists(path):
+                raise
+            raise CheckpointReadError(describe_unreadable_checkpoint(path, exc)) from None
 
     load_checkpoint_to_cpu._t2r_wrapped = True  # type: ignore[attr-defined]
     checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
@@ -97,3 +249,39 @@ def restore_numpy_compat_long() -> None:
         import types
 
         np.compat = types.SimpleNamespace(long=int)  # type: ignore[attr-defined]
+
+
+def surface_swap_errors_in_trainer() -> None:
+    """Let a :class:`~t2r_fairseq.swap.SwapError` be the last line ``fairseq-train`` prints.
+
+    fairseq's ``Trainer.load_checkpoint`` turns any error of the model's load
+    into ``Exception: Cannot load model parameters from checkpoint ...; please
+    ensure that the architectures match``, so the line that names the cause and
+    the fix ends up ~20 lines above the end of a chained traceback. We wrap the
+    method once: when the error it raises was caused by a ``SwapError``, that
+    error is re-raised alone (``from None``, its own traceback kept), with the
+    checkpoint's path in place of the ``CHECKPOINT`` placeholder of its hints.
+    Any other error passes through unchanged.
+    """
+    from fairseq.trainer import Trainer
+
+    from t2r_fairseq.swap import SwapError
+
+    original = Trainer.load_checkpoint
+    if getattr(original, "_t2r_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def load_checkpoint(self: Any, filename: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(self, filename, *args, **kwargs)
+        except Exception as exc:
+            cause: Any = exc
+            while cause is not None and not isinstance(cause, SwapError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            raise cause.for_checkpoint(filename).with_traceback(cause.__traceback__) from None
+
+    load_checkpoint._t2r_wrapped = True  # type: ignore[attr-defined]
+    Trainer.load_checkpoint = load_checkpoint  # type: ignore[method-assign]

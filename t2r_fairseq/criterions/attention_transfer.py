@@ -35,6 +35,7 @@ them, and ``fairseq-generate`` / ``fairseq-eval-lm`` need no teacher.
 
 import inspect
 import logging
+import math
 import os
 import re
 from contextlib import nullcontext
@@ -137,6 +138,47 @@ def read_teacher_projections(path: str) -> Dict[str, Tensor]:
     return {k: v for k, v in state.items() if _PROJECTION_KEY.search(k)}
 
 
+class TransferOptionError(ValueError):
+    """An option of ``t2r_attention_transfer`` is out of range; raised when the criterion is built.
+
+    fairseq builds the criterion before training, so the run stops with one
+    line naming the option instead of failing (or silently diverging: a
+    negative weight maximises the transfer loss) inside a training step.
+    """
+
+
+def validate_transfer_options(
+    label_smoothing: float, ignore_prefix_size: int, transfer_loss: Any, transfer_weight: float,
+    transfer_weight_end: Optional[float], transfer_anneal_updates: int, transfer_only_updates: int,
+    transfer_teacher_projections: Any,
+) -> None:
+    """Raise one :class:`TransferOptionError` line for the first option out of its range."""
+
+    def finite(value: Any) -> bool:
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+    if not (finite(label_smoothing) and 0 <= label_smoothing < 1):
+        raise TransferOptionError(
+            f"--label-smoothing must be in [0, 1) (0: plain cross-entropy), got {label_smoothing!r}"
+        )
+    for option, value in [("--transfer-only-updates", transfer_only_updates),
+                          ("--transfer-anneal-updates", transfer_anneal_updates),
+                          ("--ignore-prefix-size", ignore_prefix_size)]:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise TransferOptionError(f"{option} must be an integer >= 0, got {value!r}")
+    for option, value in [("--transfer-weight", transfer_weight), ("--transfer-weight-end", transfer_weight_end)]:
+        if value is not None and not (finite(value) and value >= 0):
+            raise TransferOptionError(
+                f"{option} must be a finite number >= 0 (weight of the transfer loss next to the task loss; "
+                f"0: task loss only), got {value!r}"
+            )
+    for option, value, choices in [("--transfer-loss", transfer_loss, ("output_mse", "attention_ce")),
+                                   ("--transfer-teacher-projections", transfer_teacher_projections,
+                                    ("checkpoint", "student"))]:
+        if str(value) not in choices:
+            raise TransferOptionError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
+
+
 def _unwrapped_name(name: str) -> str:
     """Strip the ``module.`` prefixes that distributed / FSDP wrappers add."""
     while name.startswith("module."):
@@ -164,10 +206,13 @@ class AttentionTransferCriterion(LabelSmoothedCrossEntropyCriterion):
         transfer_teacher_projections: str = "checkpoint",
         finetune_from_model: Optional[str] = None,
     ) -> None:
+        validate_transfer_options(
+            label_smoothing=label_smoothing, ignore_prefix_size=ignore_prefix_size, transfer_loss=transfer_loss,
+            transfer_weight=transfer_weight, transfer_weight_end=transfer_weight_end,
+            transfer_anneal_updates=transfer_anneal_updates, transfer_only_updates=transfer_only_updates,
+            transfer_teacher_projections=transfer_teacher_projections,
+        )
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
-        for name, value in [("transfer_only_updates", transfer_only_updates), ("transfer_anneal_updates", transfer_anneal_updates)]:
-            if value < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
         self.transfer_loss = str(transfer_loss)
         self.transfer_weight = transfer_weight
         self.transfer_weight_end = transfer_weight if transfer_weight_end is None else transfer_weight_end

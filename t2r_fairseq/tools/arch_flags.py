@@ -25,6 +25,7 @@ from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY, ARCH_MODEL
 from omegaconf import OmegaConf
 
 import t2r_fairseq  # noqa: F401  (registers the models and their presets)
+from t2r_fairseq.fairseq_compat import CheckpointReadError
 
 T2R_MODELS = {"transformer": "t2r_transformer", "transformer_lm": "t2r_transformer_lm"}
 
@@ -104,6 +105,8 @@ def main() -> None:
     try:
         state = checkpoint_utils.load_checkpoint_to_cpu(args.checkpoint)
         flags = architecture_flags(state["cfg"].model)
+    except CheckpointReadError as e:  # its line names the file and what it is
+        sys.exit(f"arch_flags: error: {e}")
     except (OSError, KeyError, ValueError) as e:
         sys.exit(f"arch_flags: error: cannot read the model config of {args.checkpoint}: {e}")
     print(" ".join(flags))

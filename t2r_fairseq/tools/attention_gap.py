@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from typing import Dict, List
 
 import torch
@@ -30,6 +31,7 @@ from fairseq import checkpoint_utils, metrics, utils
 
 import t2r_fairseq  # noqa: F401  (registers the models and the criterion)
 from t2r_fairseq.criterions.attention_transfer import AttentionTransferCriterion
+from t2r_fairseq.fairseq_compat import CheckpointReadError
 
 
 def attention_gap(data: str, path: str, teacher: str, subset: str = "valid", loss: str = "output_mse",
@@ -73,7 +75,10 @@ def main() -> None:
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     args = ap.parse_args()
-    res = attention_gap(args.data, args.path, args.teacher, args.subset, args.loss, args.max_tokens, args.cpu)
+    try:
+        res = attention_gap(args.data, args.path, args.teacher, args.subset, args.loss, args.max_tokens, args.cpu)
+    except (CheckpointReadError, FileNotFoundError) as e:  # one line naming the file, not a traceback
+        sys.exit(f"attention_gap: error: {e}")
     if args.json:
         print(json.dumps(res))
     else:

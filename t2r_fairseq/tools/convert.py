@@ -35,6 +35,7 @@ from fairseq.models import ARCH_MODEL_NAME_REGISTRY, ARCH_MODEL_REGISTRY
 from omegaconf import OmegaConf, open_dict
 
 import t2r_fairseq  # noqa: F401  (registers the models)
+from t2r_fairseq.fairseq_compat import CheckpointReadError
 from t2r_fairseq.calibration import LayerCalibration, calibrate_feature_maps
 from t2r_fairseq.swap import NEW_TENSOR_PATTERN
 from t2r_fairseq.tools.arch_flags import T2R_MODELS, architecture_flags
@@ -160,7 +161,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         results = convert(a.teacher, a.out, a.data, options, a.calibrate_steps, a.calibrate_lr, a.calibrate_batches,
                           a.subset, a.max_tokens, a.seed)
-    except (ConvertError, ValueError, FileNotFoundError) as e:
+    except (ConvertError, ValueError, FileNotFoundError, CheckpointReadError) as e:
         sys.exit(f"convert: error: {e}")
     for r in results:
         logger.info("calibration " + r.line())

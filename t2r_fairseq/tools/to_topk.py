@@ -30,6 +30,7 @@ from typing import Any, Dict, MutableMapping, Tuple, Union
 import torch
 
 import t2r_fairseq  # noqa: F401  (registers the models; safe loading of fairseq checkpoints)
+from t2r_fairseq.fairseq_compat import CheckpointReadError, load_torch_file_safely
 from t2r_fairseq.models.topk_config import TopkOptionError, topk_settings
 from t2r_fairseq.ops.topk_attention import DEFAULT_QUERY_CHUNK
 
@@ -121,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.output.resolve() == args.input.resolve():
             raise ConversionError("OUT must differ from IN (the softmax checkpoint is kept as it is)")
-        state = torch.load(args.input, map_location="cpu")
+        state = load_torch_file_safely(str(args.input))  # weights_only=True whatever torch's default
         summary = convert_state(state, options)
-    except (ConversionError, TopkOptionError) as err:
+    except (ConversionError, TopkOptionError, CheckpointReadError, FileNotFoundError) as err:
         print(f"to_topk: error: {err}", file=sys.stderr)
         return 2
     args.output.parent.mkdir(parents=True, exist_ok=True)
