@@ -4,12 +4,14 @@ Use as a fairseq user directory: ``fairseq-train --user-dir t2r_fairseq ...``.
 Importing it registers the ``t2r_transformer`` and ``t2r_transformer_lm``
 models with their architectures, the top-k models ``topk_transformer`` and
 ``topk_transformer_lm``, and the ``t2r_attention_transfer`` criterion, makes
-fairseq checkpoints loadable under torch's safe (``weights_only``) unpickler, and restores the one numpy alias
-fairseq 0.12 still uses (see :mod:`t2r_fairseq.fairseq_compat`).
+fairseq checkpoints loadable under torch's safe (``weights_only``) unpickler (and only under it), restores the one
+numpy alias fairseq 0.12 still uses, and makes ``--help`` list the options of the chosen model, task and criterion
+(see :mod:`t2r_fairseq.fairseq_compat`).
 """
 
 from t2r_fairseq.fairseq_compat import (
     allow_fairseq_checkpoint_globals,
+    complete_fairseq_help,
     name_path_in_checkpoint_errors,
     restore_numpy_compat_long,
 )
@@ -23,5 +25,8 @@ from t2r_fairseq.criterions import attention_transfer  # noqa: E402,F401  (regis
 
 # Top-k attention (Gupta et al. 2021): models that evaluate a softmax checkpoint with no new tensors.
 from t2r_fairseq.models import topk_transformer, topk_transformer_lm  # noqa: E402,F401  (registration)
+
+# Last: it may print the help of the command line being parsed, which needs every model and criterion above.
+complete_fairseq_help()
 
 __version__ = "0.1.0"
