@@ -5,7 +5,8 @@ Importing it registers the ``t2r_transformer`` and ``t2r_transformer_lm``
 models with their architectures, the top-k models ``topk_transformer`` and
 ``topk_transformer_lm``, and the ``t2r_attention_transfer`` criterion, makes
 fairseq checkpoints loadable under torch's safe (``weights_only``) unpickler (and only under it), restores the one
-numpy alias fairseq 0.12 still uses, and makes ``--help`` list the options of the chosen model, task and criterion
+numpy alias fairseq 0.12 still uses, lets a checkpoint-load error of ours be the last line
+``fairseq-train`` prints, and makes ``--help`` list the options of the chosen model, task and criterion
 (see :mod:`t2r_fairseq.fairseq_compat`).
 """
 
@@ -14,11 +15,13 @@ from t2r_fairseq.fairseq_compat import (
     complete_fairseq_help,
     name_path_in_checkpoint_errors,
     restore_numpy_compat_long,
+    surface_swap_errors_in_trainer,
 )
 
 allow_fairseq_checkpoint_globals()
 name_path_in_checkpoint_errors()
 restore_numpy_compat_long()
+surface_swap_errors_in_trainer()
 
 from t2r_fairseq.models import t2r_transformer, t2r_transformer_lm  # noqa: E402,F401  (registration)
 from t2r_fairseq.criterions import attention_transfer  # noqa: E402,F401  (registration)

@@ -77,6 +77,14 @@ class T2RConfig(FairseqDataclass):
             "(S, z). 0 = pure linear attention. Evaluate with W much shorter than the sequences"
         },
     )
+    reset_feature_maps: bool = field(
+        default=False,
+        metadata={
+            "help": "loading a T2R checkpoint whose feature maps differ from this model's (another --feature-map "
+            "or --feature-size): start fresh maps of this model's kind and keep every other tensor, instead of "
+            "refusing the load (maps that match load as usual, so resuming such a run is safe)"
+        },
+    )
 
 
 class T2ROptionError(ValueError):

@@ -12,6 +12,17 @@ Random projections are registered *buffers*: they are saved in checkpoints,
 so a reloaded model computes the same function (redrawing them would silently
 change a trained model).
 
+Identity record. Maps of the same shapes can mean different functions (T2R's
+and Hedgehog's ``weight``/``bias`` are both ``[H, k, d]``/``[H, k]``; RFA's and
+Performer's projections coincide), so shapes alone cannot tell a checkpoint's
+maps apart. Every map therefore carries a persistent integer buffer ``spec``
+(:func:`feature_map_spec`: format version, a stable id of the map's name,
+feature size, heads, head dim), saved with the weights; the loader
+(:mod:`t2r_fairseq.swap`) compares it with the model's before reinterpreting
+anything. It is an integer tensor so ``model.half()`` / ``--fp16`` leave it
+alone and fairseq's ``scripts/average_checkpoints.py`` (which integer-divides
+non-float tensors) keeps it exact.
+
 Learning-rate scale. After a swap the maps are the only parameters that start
 from scratch: everything else is pretrained and wants a small finetuning
 learning rate, while Adam moves each weight by about the learning rate per
@@ -28,13 +39,64 @@ choice, not part of the model).
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Type
+import zlib
+from typing import Callable, Dict, NamedTuple, Type
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 FEATURE_MAPS: Dict[str, Type["FeatureMap"]] = {}
+
+# Version of the ``spec`` buffer's layout (bump when its fields change; readers accept older versions).
+SPEC_VERSION = 1
+SPEC_BUFFER = "spec"
+
+
+def feature_map_id(name: str) -> int:
+    """A stable number for a map's name (CRC-32): the same in every process and release, no table to maintain."""
+    return zlib.crc32(name.encode("utf-8"))
+
+
+class FeatureMapSpec(NamedTuple):
+    """What a feature map's tensors mean; stored as the ``spec`` buffer ``[version, id, size, heads, head_dim]``."""
+
+    map_id: int
+    feature_size: int  # 0 for maps that ignore --feature-size (elu)
+    num_heads: int
+    head_dim: int
+
+    @property
+    def name(self) -> str:
+        """The registered name of the map, or a placeholder for a map this installation does not know."""
+        for name in FEATURE_MAPS:
+            if feature_map_id(name) == self.map_id:
+                return name
+        return f"an unknown feature map (id {self.map_id})"
+
+    def describe(self, shapes: bool = False) -> str:
+        """``t2r (k=32)``; with ``shapes`` also the heads, e.g. ``t2r (k=32, 4 heads of dim 8)``."""
+        parts = [f"k={self.feature_size}"] if self.feature_size else []
+        if shapes:
+            parts.append(f"{self.num_heads} heads of dim {self.head_dim}")
+        return f"{self.name} ({', '.join(parts)})" if parts else self.name
+
+    def to_tensor(self) -> Tensor:
+        return torch.tensor([SPEC_VERSION, self.map_id, self.feature_size, self.num_heads, self.head_dim],
+                            dtype=torch.long)
+
+    @classmethod
+    def from_tensor(cls, spec: Tensor) -> "FeatureMapSpec":
+        values = [int(v) for v in spec.reshape(-1).tolist()]
+        if len(values) < 5 or values[0] < 1:
+            raise ValueError(f"not a feature-map spec: {values}")
+        return cls(*values[1:5])
+
+
+def feature_map_spec(name: str, num_heads: int, head_dim: int, feature_size: int) -> FeatureMapSpec:
+    """The identity record of map ``name`` built with these sizes."""
+    uses_size = FEATURE_MAPS[name].uses_feature_size if name in FEATURE_MAPS else True
+    return FeatureMapSpec(feature_map_id(name), feature_size if uses_size else 0, num_heads, head_dim)
 
 
 def register_feature_map(name: str) -> Callable[[Type["FeatureMap"]], Type["FeatureMap"]]:
@@ -43,6 +105,9 @@ def register_feature_map(name: str) -> Callable[[Type["FeatureMap"]], Type["Feat
     def wrapper(cls: Type["FeatureMap"]) -> Type["FeatureMap"]:
         if name in FEATURE_MAPS:
             raise ValueError(f"feature map {name!r} is already registered ({FEATURE_MAPS[name].__name__})")
+        clash = [other for other in FEATURE_MAPS if feature_map_id(other) == feature_map_id(name)]
+        if clash:  # would make two maps' checkpoints indistinguishable
+            raise ValueError(f"feature map {name!r} has the same id as {clash[0]!r}; choose another name")
         FEATURE_MAPS[name] = cls
         cls.name = name
         return cls
@@ -78,6 +143,8 @@ class FeatureMap(nn.Module):
         self.feature_size = feature_size
         self.output_dim = feature_size
         self.lr_scale = 1.0
+        # Persistent identity record (see the module docstring); integer, so dtype casts leave it alone.
+        self.register_buffer(SPEC_BUFFER, feature_map_spec(self.name, num_heads, head_dim, feature_size).to_tensor())
 
     def forward(self, x: Tensor, is_query: bool) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -13,6 +13,10 @@ causal self-attention of a T2R decoder (``--sliding-window W``):
   Initialised to ``-2`` (``gamma ~ 0.12``), as LoLCATs starts small, so that
   right after the swap the window does not simply shout down the linear part;
   training moves it per head.
+* ``window_size [1]``: the ``W`` the layer was built with, a persistent
+  integer buffer, so a checkpoint says which window its ``window_logit`` was
+  trained for and a load into another ``W`` stops (:mod:`t2r_fairseq.swap`)
+  instead of silently running a different model.
 * the math is :mod:`t2r_fairseq.ops.sliding_window` (stabiliser, floor and the
   exact limits ``W = 0`` / ``W >= L`` are documented there);
 * incremental state: the ``W``-slot ring buffer of raw keys/values, slot
@@ -41,6 +45,7 @@ from t2r_fairseq.ops.sliding_window import (
 )
 
 DEFAULT_WINDOW_LOGIT = -2.0
+WINDOW_SIZE_BUFFER = "window_size"
 _STATE_KEYS = ("window_keys", "window_values", "window_valid", "window_pos", "S", "z")
 
 
@@ -69,6 +74,7 @@ class SlidingWindowAttention(LinearMultiheadAttention):
         )
         self.window = window
         self.window_logit = nn.Parameter(torch.full((num_heads,), float(window_logit_init)))
+        self.register_buffer(WINDOW_SIZE_BUFFER, torch.tensor([window], dtype=torch.long))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, window={self.window}"
