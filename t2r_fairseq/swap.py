@@ -138,7 +138,6 @@ def _spec_fix_flags(module: str, ckpt: FeatureMapSpec, own: FeatureMapSpec) -> L
             flags += [f"--{stack}-embed-dim", str(ckpt.num_heads * ckpt.head_dim)]
         if ckpt.num_heads != own.num_heads:
             flags += [f"--{stack}-attention-heads", str(ckpt.num_heads)]
-        return flags
     if ckpt.map_id != own.map_id and not ckpt.name.startswith("an unknown"):
         flags += ["--feature-map", ckpt.name]
     if ckpt.feature_size and (ckpt.feature_size != own.feature_size or ckpt.map_id != own.map_id):
@@ -202,10 +201,7 @@ def _shape(state: Mapping[str, Tensor], name: str) -> Optional[Tuple[int, ...]]:
 
 # Keys whose presence on one side only is explained by a flag (pattern, what it is, flag to check).
 _KEY_HINTS = (
-    (re.compile(r"^encoder\.layers\.\d+\.self_attn\.feature_map\."), "encoder self-attention",
-     "--swap-encoder"),
-    (re.compile(r"\.encoder_attn\.feature_map\."), "linear cross-attention", "--softmax-cross-attention"),
-    (re.compile(r"\.(bias_k|bias_v)$"), "extra key/value slots (add_bias_kv)", "add_bias_kv"),
+    (re.compile(r"(^|\.)(bias_k|bias_v)$"), "extra key/value slots", "add_bias_kv (T2R has no such slots)"),
     (re.compile(r"(^|\.)embed_positions\."), "learned positional embeddings", "--{stack}-learned-pos"),
     (re.compile(r"(^|\.)output_projection\."), "a separate output projection",
      "--share-decoder-input-output-embed / --share-all-embeddings"),
@@ -215,9 +211,22 @@ _KEY_HINTS = (
     (re.compile(r"(^|\.)adaptive_softmax\."), "an adaptive softmax", "--adaptive-softmax-cutoff"),
     (re.compile(r"(^|\.)embed_tokens\.(embeddings|weight_\d)"), "adaptive input", "--adaptive-input"),
 )
+# Linear attention in the checkpoint where this model keeps softmax (the other way round is a swap).
+_LINEAR_ONLY_IN_CHECKPOINT = (
+    (re.compile(r"^encoder\.layers\.\d+\.self_attn\.feature_map\."),
+     "the checkpoint's encoder self-attention is linear but this model's is softmax: build it with --swap-encoder"),
+    (re.compile(r"\.encoder_attn\.feature_map\."),
+     "the checkpoint's cross-attention is linear but this model keeps it softmax: build it without "
+     "--softmax-cross-attention"),
+)
 
 
 def _key_hint(name: str, checkpoint_has_it: bool) -> Optional[str]:
+    """What a tensor present on one side only says about the flags the two models were built with."""
+    if checkpoint_has_it:
+        for pattern, message in _LINEAR_ONLY_IN_CHECKPOINT:
+            if pattern.search(name):
+                return f"{message} ('{name}')"
     for pattern, what, flag in _KEY_HINTS:
         if pattern.search(name):
             stack = "encoder" if name.startswith("encoder.") else "decoder"
@@ -288,7 +297,8 @@ def diagnose(
             hint = _key_hint(name, has)
             if hint:
                 return f"{prefix}{hint} ({ARCH_FLAGS_HINT})"
-    fm = [n for n in unexpected + missing if _feature_map_module(n)]
+    reshaped = [n for n, t in checkpoint_state.items() if n in model_state and t.shape != model_state[n].shape]
+    fm = [n for n in reshaped + unexpected + missing if _feature_map_module(n)]
     if fm:
         own = _specs(model_state)
         module = _feature_map_module(fm[0])
@@ -324,8 +334,9 @@ def plan_swap(
     present = {_feature_map_module(k) for k in checkpoint_state} - {None}
     mismatches = [(m, ckpt_specs[m], s) for m, s in own_specs.items() if m in ckpt_specs and ckpt_specs[m] != s]
     legacy = sorted(m for m in own_specs if m in present and m not in ckpt_specs)
-    if mismatches and not reset_feature_maps:
-        raise SwapError(feature_map_mismatch_message(mismatches))
+    reshaped = [(m, c, o) for m, c, o in mismatches if (c.num_heads, c.head_dim) != (o.num_heads, o.head_dim)]
+    if reshaped or (mismatches and not reset_feature_maps):  # other heads: the architecture, not the maps, differs
+        raise SwapError(feature_map_mismatch_message(reshaped or mismatches))
     reset = [m for m, _, _ in mismatches] + (legacy if reset_feature_maps else [])
     if reset:
         old = " / ".join(sorted({ckpt_specs[m].describe() for m in reset if m in ckpt_specs}))

@@ -190,6 +190,13 @@ def test_reset_feature_maps_starts_new_maps_and_keeps_everything_else(tmp_path):
     assert all(torch.equal(state[k], v) for k, v in a.state_dict().items() if ".feature_map." not in k)
 
 
+def test_reset_feature_maps_does_not_hide_other_heads(tmp_path):
+    _, _, a = build_lm(tmp_path / "a", extra=[*K8, "--decoder-attention-heads", "2"])
+    _, _, b = build_lm(tmp_path / "b", extra=["--feature-map", "hedgehog", *K8])
+    with pytest.raises(SwapError, match=r"build it with --decoder-attention-heads 2 --feature-map t2r --feature-size 8$"):
+        plan_swap(b.state_dict(), a.state_dict(), reset_feature_maps=True)
+
+
 def test_reset_feature_maps_leaves_matching_maps_alone(tmp_path):
     """Resuming or evaluating a run started with --reset-feature-maps loads its trained maps."""
     _, _, a = build_lm(tmp_path / "a", extra=K8, seed=1)
@@ -211,6 +218,17 @@ def test_legacy_checkpoint_loads_with_one_warning(tmp_path, caplog):
         "otherwise, rebuild the model with the flags python -m t2r_fairseq.tools.arch_flags prints for it (or pass "
         "--reset-feature-maps)"]
     assert all(torch.equal(b.state_dict()[k], v) for k, v in a.state_dict().items())
+
+
+def test_legacy_checkpoint_of_another_size_is_refused(tmp_path):
+    _, _, a = build_lm(tmp_path / "a", extra=["--feature-size", "4"])
+    _, _, b = build_lm(tmp_path / "b", extra=K8)
+    old = {k: v for k, v in a.state_dict().items() if not k.endswith(".spec")}
+    with pytest.raises(SwapError, match=r"^checkpoint tensor 'decoder\.layers\.0\.self_attn\.feature_map\.weight' has "
+                                         r"shape \(4, 4, 8\) but the T2R model expects \(4, 8, 8\): the checkpoint's "
+                                         r"feature-map tensors .* do not fit this model's t2r \(k=8\) maps: build it "
+                                         r"with the --feature-map/--feature-size it was trained with"):
+        b.load_state_dict(old)
 
 
 def test_a_window_is_not_reinterpreted(tmp_path):
@@ -259,12 +277,18 @@ def test_dims_and_vocabulary_are_named(tmp_path):
 def test_mt_structure_differences_name_the_flag(tmp_path):
     _, _, enc = build_mt(tmp_path / "a", extra=[*K8, "--swap-encoder"])
     _, _, plain = build_mt(tmp_path / "b", extra=K8)
-    with pytest.raises(SwapError, match=r"the checkpoint has encoder self-attention \('encoder\.layers\.0\.self_attn"
-                                         r"\.feature_map\.\w+'\) and this model has not: check --swap-encoder"):
+    with pytest.raises(SwapError, match=r"^the checkpoint's encoder self-attention is linear but this model's is "
+                                         r"softmax: build it with --swap-encoder \('encoder\.layers\.0\.self_attn"
+                                         r"\.feature_map\.\w+'\) \(python -m t2r_fairseq\.tools\.arch_flags"):
         plain.load_state_dict(enc.state_dict())
     _, _, soft_cross = build_mt(tmp_path / "c", extra=[*K8, "--softmax-cross-attention"])
-    with pytest.raises(SwapError, match=r"linear cross-attention .* check --softmax-cross-attention"):
+    with pytest.raises(SwapError, match=r"^the checkpoint's cross-attention is linear but this model keeps it "
+                                         r"softmax: build it without --softmax-cross-attention"):
         soft_cross.load_state_dict(plain.state_dict())
+    # The other way round is a swap of the attention the checkpoint kept softmax: allowed, and reported.
+    plan = plan_swap(enc.state_dict(), plain.state_dict())
+    assert not plan.from_softmax and {re.sub(r"\.\d+\.", ".*.", n) for n in plan.new} == {
+        "encoder.layers.*.self_attn.feature_map.weight", "encoder.layers.*.self_attn.feature_map.bias"}
     _, _, lm_model = build_lm(tmp_path / "d", extra=K8)
     with pytest.raises(SwapError, match=r"the checkpoint is an encoder-decoder model but this model is a language "
                                          r"model \(no encoder\): build it with --arch t2r_transformer "):
