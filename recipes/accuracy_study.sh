@@ -81,7 +81,7 @@ if has teacher "$STAGES"; then
     # shellcheck disable=SC2046
     fairseq-train "$OUT/data-bin/$kind" --arch $arch $(arch_args $kind) "${COMMON[@]}" "${TEACHER_OPT[@]}" \
       --max-update "$TEACHER_MAX" --validate-interval-updates "$VALID_EVERY" --save-interval-updates "$VALID_EVERY" \
-      --keep-interval-updates 1 --patience "$PATIENCE" --save-dir "$save" > "$log" 2>&1
+      --keep-interval-updates 1 --patience "$PATIENCE" --save-dir "$save" >> "$log" 2>&1   # rerun: resumes, log appended
   done
 fi
 
@@ -107,7 +107,7 @@ row_args() {  # row kind -> "map=..., convert args | finetune args"
   fi
 }
 teacher_updates() {  # updates the teacher's training ran (its cost), from its last checkpoint
-  python -c "import sys, torch; s = torch.load(sys.argv[1], map_location='cpu', weights_only=False); print(s['optimizer_history'][-1]['num_updates'])" \
+  python -c "import sys, t2r_fairseq; from fairseq import checkpoint_utils as c; print(c.load_checkpoint_to_cpu(sys.argv[1])['optimizer_history'][-1]['num_updates'])" \
     "$OUT/checkpoints/teacher.$1/checkpoint_last.pt"
 }
 ft_updates() {  # 20% of the teacher's updates, rounded down to a multiple of 8 (the curve's points)
