@@ -12,8 +12,11 @@ numpy alias fairseq 0.12 still uses, lets a checkpoint-load error of ours be the
 
 from t2r_fairseq.fairseq_compat import (
     allow_fairseq_checkpoint_globals,
+    check_datasets_when_loaded,
     complete_fairseq_help,
+    name_dictionary_in_vocabulary_mismatches,
     name_path_in_checkpoint_errors,
+    refuse_directories_as_checkpoints,
     restore_numpy_compat_long,
     surface_swap_errors_in_trainer,
 )
@@ -21,6 +24,9 @@ from t2r_fairseq.fairseq_compat import (
 allow_fairseq_checkpoint_globals()
 name_path_in_checkpoint_errors()
 restore_numpy_compat_long()
+check_datasets_when_loaded()
+refuse_directories_as_checkpoints()
+name_dictionary_in_vocabulary_mismatches()
 surface_swap_errors_in_trainer()
 
 from t2r_fairseq.models import t2r_transformer, t2r_transformer_lm  # noqa: E402,F401  (registration)

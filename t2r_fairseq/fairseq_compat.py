@@ -20,6 +20,7 @@ import io
 import os
 import pickletools
 import re
+import struct
 import types
 import zipfile
 from typing import Any, List
@@ -349,6 +350,194 @@ def complete_fairseq_help() -> None:
     given = sys.argv[1:] if local.get("input_args") is None else list(local["input_args"])
     if any(a in HELP_FLAGS for a in given):
         _help_after_all_options(original, local["parser"], given, local.get("modify_parser"))
+
+
+def refuse_directories_as_checkpoints() -> None:
+    """Make ``--finetune-from-model DIR`` / ``--restore-file DIR`` an error instead of training from scratch.
+
+    fairseq checks ``--finetune-from-model`` with ``exists`` (true for a
+    directory), and the trainer then finds no *file* there, logs "No existing
+    checkpoint found" and starts from random weights: a finetuning run that
+    silently is not one. We wrap ``fairseq.checkpoint_utils.load_checkpoint``
+    (called through the module by ``fairseq-train``) once.
+    """
+    from fairseq import checkpoint_utils
+
+    original = checkpoint_utils.load_checkpoint
+    if getattr(original, "_t2r_dirs_refused", False):
+        return
+
+    @functools.wraps(original)
+    def load_checkpoint(cfg: Any, trainer: Any, **passthrough_args: Any) -> Any:
+        for path in (getattr(cfg, "finetune_from_model", None), getattr(cfg, "restore_file", None)):
+            if path and os.path.isdir(path):
+                raise CheckpointReadError(
+                    f"cannot read checkpoint {path}: it is a directory -- pass the checkpoint file inside it "
+                    "(checkpoint_*.pt)"
+                )
+        return original(cfg, trainer, **passthrough_args)
+
+    load_checkpoint._t2r_dirs_refused = True  # type: ignore[attr-defined]
+    checkpoint_utils.load_checkpoint = load_checkpoint
+
+
+class DictionaryMismatchError(ValueError):
+    """A checkpoint's vocabulary size differs from the dictionary the model was built with."""
+
+
+_VOCABULARY_TENSOR = re.compile(r"(^|\.)(embed_tokens\.weight|output_projection\.weight)$")
+
+
+def name_dictionary_in_vocabulary_mismatches() -> None:
+    """Say "the dictionary does not match" instead of torch's multi-line ``size mismatch`` list.
+
+    ``fairseq-generate`` / ``fairseq-eval-lm`` build the model from the data
+    directory's ``dict*.txt`` and then load the checkpoint; with another
+    dictionary the embeddings differ in their first dimension only. T2R models
+    say so in their own loader (:mod:`t2r_fairseq.swap`); this covers fairseq's
+    models (the softmax teachers, the top-k models), wrapping
+    ``BaseFairseqModel.load_state_dict`` and, to name the data directory,
+    ``checkpoint_utils.load_model_ensemble_and_task`` (once each).
+    """
+    from fairseq import checkpoint_utils
+    from fairseq.models import BaseFairseqModel
+
+    original_load = BaseFairseqModel.load_state_dict
+    if not getattr(original_load, "_t2r_wrapped", False):
+
+        @functools.wraps(original_load)
+        def load_state_dict(self: Any, state_dict: Any, *args: Any, **kwargs: Any) -> Any:
+            own = self.state_dict()
+            for name, tensor in state_dict.items():
+                mine = own.get(name)
+                if (_VOCABULARY_TENSOR.search(name) and mine is not None and tensor.dim() == mine.dim() == 2
+                        and tensor.shape[1:] == mine.shape[1:] and tensor.shape[0] != mine.shape[0]):
+                    raise DictionaryMismatchError(
+                        f"the checkpoint's vocabulary has {tensor.shape[0]} entries ({name}) but this model's "
+                        f"dictionary has {mine.shape[0]}: the dictionary is not the one the checkpoint was trained "
+                        "with -- use the data directory (dict*.txt) it was trained with"
+                    )
+            return original_load(self, state_dict, *args, **kwargs)
+
+        load_state_dict._t2r_wrapped = True  # type: ignore[attr-defined]
+        BaseFairseqModel.load_state_dict = load_state_dict
+
+    original_ensemble = checkpoint_utils.load_model_ensemble_and_task
+    if getattr(original_ensemble, "_t2r_wrapped", False):
+        return
+
+    @functools.wraps(original_ensemble)
+    def load_model_ensemble_and_task(filenames: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return original_ensemble(filenames, *args, **kwargs)
+        except DictionaryMismatchError as exc:
+            task = kwargs.get("task", args[1] if len(args) > 1 else None)
+            data = getattr(getattr(task, "cfg", None), "data", None) or getattr(getattr(task, "args", None), "data", None)
+            where = f"checkpoint {', '.join(map(str, filenames))}" + (f" with data directory {data}" if data else "")
+            raise DictionaryMismatchError(f"{where}: {exc}") from None
+
+    load_model_ensemble_and_task._t2r_wrapped = True  # type: ignore[attr-defined]
+    checkpoint_utils.load_model_ensemble_and_task = load_model_ensemble_and_task
+
+
+class DatasetFileError(ValueError):
+    """A binarised dataset file is empty, truncated, or does not fit the dictionary; the message names the file."""
+
+
+_MMAP_MAGIC = b"MMIDIDX\x00\x00"
+_MMAP_HEADER = 9 + 8 + 1 + 8  # magic, version, dtype code, number of sentences
+_MMAP_DTYPES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 8, 8: 2, 9: 4, 10: 8}  # fairseq's dtype code -> bytes
+_REBINARISE = "re-run fairseq-preprocess for this split (a copy or a preprocessing run was cut short)"
+
+
+def check_binarised_dataset(prefix: str, dictionary: Any = None) -> None:
+    """Check ``prefix.idx`` / ``prefix.bin`` (fairseq's mmap format) against each other and ``dictionary``.
+
+    fairseq reads the index header with bare ``assert``s and maps the data
+    lazily, so an empty index surfaces as "Dataset not found", a truncated one
+    as a ``struct``/``numpy`` error, a truncated ``.bin`` as a numpy error inside
+    the first training step (after ``crash.pt`` is written), and token ids beyond
+    the dictionary as an embedding ``IndexError`` there. Reading the header, the
+    two sizes and the largest token id costs one pass over the data, once.
+    Other formats (raw, lazy, cached) are left to fairseq.
+    """
+    import numpy as np
+
+    idx, binary = prefix + ".idx", prefix + ".bin"
+    has_idx, has_bin = os.path.isfile(idx), os.path.isfile(binary)
+    if has_idx != has_bin:
+        present, absent = (idx, binary) if has_idx else (binary, idx)
+        raise DatasetFileError(f"dataset {present} exists but {absent} is missing -- {_REBINARISE}")
+    if not has_idx:
+        return
+    idx_size, bin_size = os.path.getsize(idx), os.path.getsize(binary)
+    if idx_size == 0:
+        raise DatasetFileError(f"dataset index {idx} is empty (0 bytes) -- {_REBINARISE}")
+    with open(idx, "rb") as f:
+        header = f.read(_MMAP_HEADER)
+    if not header.startswith(_MMAP_MAGIC[:8]):
+        return  # another fairseq format (or none): fairseq's own loader decides
+    if len(header) < _MMAP_HEADER:
+        raise DatasetFileError(
+            f"dataset index {idx} is truncated ({idx_size} bytes, shorter than its {_MMAP_HEADER}-byte header) "
+            f"-- {_REBINARISE}"
+        )
+    (version,) = struct.unpack("<Q", header[9:17])
+    itemsize = _MMAP_DTYPES.get(header[17])
+    (count,) = struct.unpack("<Q", header[18:26])
+    if version != 1 or itemsize is None:
+        raise DatasetFileError(
+            f"dataset index {idx} has an unknown header (version {version}, dtype code {header[17]}) -- {_REBINARISE}"
+        )
+    expected = _MMAP_HEADER + 12 * count  # int32 sizes and int64 pointers per sentence
+    if idx_size != expected:
+        raise DatasetFileError(
+            f"dataset index {idx} is {'truncated' if idx_size < expected else 'longer than its header says'}: "
+            f"{idx_size} bytes, while its header's {count} sentences take {expected} -- {_REBINARISE}"
+        )
+    if count == 0:
+        raise DatasetFileError(f"dataset {prefix} holds no sentences -- binarise a non-empty text for this split")
+    sizes = np.fromfile(idx, dtype=np.int32, count=count, offset=_MMAP_HEADER)
+    tokens = int(sizes.astype(np.int64).sum())
+    if bin_size != tokens * itemsize:
+        raise DatasetFileError(
+            f"dataset data {binary} is {'truncated' if bin_size < tokens * itemsize else 'longer than its index says'}"
+            f": {bin_size} bytes, while {idx} lists {tokens} tokens of {itemsize} bytes ({tokens * itemsize}) "
+            f"-- {_REBINARISE}"
+        )
+    if dictionary is not None and tokens:
+        dtype = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float64,
+                 8: np.uint16, 9: np.uint32, 10: np.uint64}[header[17]]
+        largest = int(np.memmap(binary, dtype=dtype, mode="r").max())
+        if largest >= len(dictionary):
+            raise DatasetFileError(
+                f"dataset {binary} holds token id {largest}, but the dictionary has {len(dictionary)} entries: the "
+                "data was binarised with another dictionary -- use the dict*.txt written with this data, or "
+                "re-run fairseq-preprocess with --srcdict/--tgtdict set to this one"
+            )
+
+
+def check_datasets_when_loaded() -> None:
+    """Run :func:`check_binarised_dataset` on every split a fairseq task loads (once; idempotent).
+
+    The tasks call ``fairseq.data.data_utils.load_indexed_dataset`` through the
+    module, so wrapping it there covers language modelling and translation
+    (and fairseq's other tasks) in ``fairseq-train``, ``-generate``, ``-eval-lm``.
+    """
+    from fairseq.data import data_utils
+
+    original = data_utils.load_indexed_dataset
+    if getattr(original, "_t2r_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def load_indexed_dataset(path: str, dictionary: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(path, str) and os.path.exists(os.path.dirname(path) or "."):
+            check_binarised_dataset(path, dictionary)
+        return original(path, dictionary, *args, **kwargs)
+
+    load_indexed_dataset._t2r_wrapped = True  # type: ignore[attr-defined]
+    data_utils.load_indexed_dataset = load_indexed_dataset
 
 
 def restore_numpy_compat_long() -> None:
