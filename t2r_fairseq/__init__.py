@@ -6,7 +6,8 @@ models with their architectures, the top-k models ``topk_transformer`` and
 ``topk_transformer_lm``, and the ``t2r_attention_transfer`` criterion, makes
 fairseq checkpoints loadable under torch's safe (``weights_only``) unpickler (and only under it), restores the one
 numpy alias fairseq 0.12 still uses, lets a checkpoint-load error of ours be the last line
-``fairseq-train`` prints, and makes ``--help`` list the options of the chosen model, task and criterion
+``fairseq-train`` prints, and makes ``--help`` list the options of the chosen model, task and criterion, makes fairseq's checkpoint copies
+(``checkpoint_last.pt``, ``checkpoint_best.pt``) atomic (:mod:`t2r_fairseq.checkpoint_files`)
 (see :mod:`t2r_fairseq.fairseq_compat`).
 """
 
@@ -27,6 +28,10 @@ restore_numpy_compat_long()
 check_datasets_when_loaded()
 refuse_directories_as_checkpoints()
 name_dictionary_in_vocabulary_mismatches()
+
+from t2r_fairseq.checkpoint_files import make_checkpoint_copies_atomic  # noqa: E402
+
+make_checkpoint_copies_atomic()
 surface_swap_errors_in_trainer()
 
 from t2r_fairseq.models import t2r_transformer, t2r_transformer_lm  # noqa: E402,F401  (registration)
