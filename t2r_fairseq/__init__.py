@@ -3,12 +3,12 @@
 Use as a fairseq user directory: ``fairseq-train --user-dir t2r_fairseq ...``.
 Importing it registers the ``t2r_transformer`` and ``t2r_transformer_lm``
 models with their architectures, the top-k models ``topk_transformer`` and
-``topk_transformer_lm``, and the ``t2r_attention_transfer`` criterion, makes
-fairseq checkpoints loadable under torch's safe (``weights_only``) unpickler (and only under it), restores the one
-numpy alias fairseq 0.12 still uses, lets a checkpoint-load error of ours be the last line
-``fairseq-train`` prints, and makes ``--help`` list the options of the chosen model, task and criterion, makes fairseq's checkpoint copies
-(``checkpoint_last.pt``, ``checkpoint_best.pt``) atomic (:mod:`t2r_fairseq.checkpoint_files`)
-(see :mod:`t2r_fairseq.fairseq_compat`).
+``topk_transformer_lm``, and the ``t2r_attention_transfer`` criterion, and adjusts fairseq 0.12 where it would
+otherwise fail or mislead (see :mod:`t2r_fairseq.fairseq_compat`, :mod:`t2r_fairseq.checkpoint_files`): fairseq
+checkpoints load under torch's safe (``weights_only``) unpickler and only under it; the one numpy alias fairseq
+still uses is restored; a checkpoint-load error of ours is the last line ``fairseq-train`` prints; ``--help``
+lists the options of the chosen model, task and criterion; binarised splits are checked when loaded; and
+fairseq's checkpoint copies (``checkpoint_last.pt``, ``checkpoint_best.pt``) are atomic.
 """
 
 from t2r_fairseq.fairseq_compat import (
