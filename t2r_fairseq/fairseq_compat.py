@@ -501,7 +501,7 @@ def check_binarised_dataset(prefix: str, dictionary: Any = None) -> None:
     tokens = int(sizes.astype(np.int64).sum())
     if bin_size != tokens * itemsize:
         raise DatasetFileError(
-            f"dataset data {binary} is {'truncated' if bin_size < tokens * itemsize else 'longer than its index says'}"
+            f"dataset file {binary} is {'truncated' if bin_size < tokens * itemsize else 'longer than its index says'}"
             f": {bin_size} bytes, while {idx} lists {tokens} tokens of {itemsize} bytes ({tokens * itemsize}) "
             f"-- {_REBINARISE}"
         )

@@ -383,9 +383,9 @@ DATA_CASES = {
                       r"sentences take \d+"),
     "short_header": (lambda d: _cut(d / "valid.idx", 12),
                      r"dataset index .*valid\.idx is truncated \(12 bytes, shorter than its 26-byte header\)"),
-    "empty_bin": (lambda d: _cut(d / "train.bin", 0), r"dataset data .*train\.bin is truncated: 0 bytes, while"),
+    "empty_bin": (lambda d: _cut(d / "train.bin", 0), r"dataset file .*train\.bin is truncated: 0 bytes, while"),
     "truncated_bin": (lambda d: _cut(d / "train.bin", (d / "train.bin").stat().st_size - 10),
-                      r"dataset data .*train\.bin is truncated: \d+ bytes, while .*train\.idx lists \d+ tokens"),
+                      r"dataset file .*train\.bin is truncated: \d+ bytes, while .*train\.idx lists \d+ tokens"),
     "missing_bin": (lambda d: (d / "valid.bin").unlink(), r"dataset .*valid\.idx exists but .*valid\.bin is missing"),
     "smaller_dict": (lambda d: (d / "dict.txt").write_text("".join(l + "\n" for l in (d / "dict.txt").read_text()
                                                                     .splitlines()[:8])),
