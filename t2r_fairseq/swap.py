@@ -157,6 +157,10 @@ def feature_map_mismatch_message(mismatches: List[Tuple[str, FeatureMapSpec, Fea
         for flag, value in zip(wanted[::2], wanted[1::2]):
             if flag not in flags[::2]:
                 flags += [flag, value]
+    pairs = dict(zip(flags[::2], flags[1::2]))
+    if pairs.get("--cross-feature-size") is not None and pairs.get("--cross-feature-size") == pairs.get("--feature-size"):
+        i = flags.index("--cross-feature-size")  # the cross-attention's size defaults to --feature-size
+        del flags[i : i + 2]
     fix = (f"build it with {' '.join(flags)}" if flags
            else f"build it with the flags that python -m t2r_fairseq.tools.arch_flags {CHECKPOINT} prints")
     message = (
@@ -281,9 +285,9 @@ def diagnose(
             continue
         a, b = _shape(checkpoint_state, name), _shape(model_state, name)
         if a and b and len(a) == len(b) == 2 and a[0] != b[0] and a[1] == b[1]:
-            side = "source" if name.startswith("encoder.") else "target"
-            return (f"{prefix}the checkpoint's {side} vocabulary has {a[0]} entries but this model's dictionary has "
-                    f"{b[0]} ('{name}'): use the data directory (dict*.txt) the checkpoint was trained with")
+            side = ("source " if name.startswith("encoder.") else "target ") if "encoder" in mine else ""
+            return (f"{prefix}the checkpoint's {side}dictionary has {a[0]} entries but this model's has {b[0]} "
+                    f"('{name}'): use the data directory (dict*.txt) the checkpoint was trained with")
     unexpected = [n for n in checkpoint_state if n not in model_state]
     # Missing linear-attention tensors are the swap's new ones, unless the checkpoint has that feature map.
     present = {_feature_map_module(k) for k in checkpoint_state} - {None}

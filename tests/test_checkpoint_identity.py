@@ -270,7 +270,7 @@ def test_dims_and_vocabulary_are_named(tmp_path):
         "E: the checkpoint has decoder FFN dim 48 (this model 64): build it with --decoder-ffn-embed-dim 48 (")
     ckpt = dict(own, **{"decoder.embed_tokens.weight": torch.zeros(30, 32)})
     assert diagnose(own, ckpt, "E") == (
-        "E: the checkpoint's target vocabulary has 30 entries but this model's dictionary has 24 "
+        "E: the checkpoint's dictionary has 30 entries but this model's has 24 "
         "('decoder.embed_tokens.weight'): use the data directory (dict*.txt) the checkpoint was trained with")
 
 
@@ -316,6 +316,11 @@ def test_mismatch_message_lists_every_flag_once():
         ("decoder.layers.0.encoder_attn.feature_map", FeatureMapSpec(t2r, 4, 4, 8), FeatureMapSpec(hh, 8, 4, 8)),
     ])
     assert "build it with --feature-map t2r --feature-size 8 --cross-feature-size 4, or pass" in msg
+    same = feature_map_mismatch_message([
+        ("decoder.layers.0.self_attn.feature_map", FeatureMapSpec(t2r, 8, 4, 8), FeatureMapSpec(hh, 8, 4, 8)),
+        ("decoder.layers.0.encoder_attn.feature_map", FeatureMapSpec(t2r, 8, 4, 8), FeatureMapSpec(hh, 8, 4, 8)),
+    ])
+    assert "build it with --feature-map t2r --feature-size 8, or pass" in same  # the cross size defaults to it
 
 
 # -- through the CLIs and the hub: the last line names cause and fix -----------------------------------
@@ -362,8 +367,8 @@ def test_eval_lm_with_another_dictionary_names_the_data_directory(lm):
         f.write("".join(f"extra{i} 1\n" for i in range(8)))
     proc = run("fairseq-eval-lm", other, "--user-dir", USER_DIR, "--path", lm / "t2r.pt", "--cpu",
                "--tokens-per-sample", "64", ok=False)
-    _assert_refused(proc, None, r"^t2r_fairseq\.swap\.SwapError: .*the checkpoint's target vocabulary has 24 entries "
-                                r"but this model's dictionary has 32 .*: use the data directory \(dict\*\.txt\) the "
+    _assert_refused(proc, None, r"^t2r_fairseq\.swap\.SwapError: .*the checkpoint's dictionary has 24 entries "
+                                r"but this model's has 32 .*: use the data directory \(dict\*\.txt\) the "
                                 r"checkpoint was trained with$")
 
 
