@@ -185,7 +185,7 @@ def test_convert_mt_calibrated_then_generate_and_finetune(work, tmp_path) -> Non
         assert torch.equal(state["model"][k], v), k
     assert {k for k in state["model"] if k not in teacher_state} == {
         f"decoder.layers.{i}.{a}.feature_map.{p}" for i in range(2) for a in ("self_attn", "encoder_attn")
-        for p in ("weight", "bias")
+        for p in ("weight", "bias", "spec")  # spec: the maps' identity record (t2r_fairseq.swap)
     }
     layers = state["t2r_convert"]["layers"]
     assert len(layers) == 4 and all(r["kl_after"] < r["kl_before"] for r in layers)
