@@ -40,9 +40,7 @@ def lm(tmp_path_factory) -> Path:
     linear-attention tensors: a softmax checkpoint) and legacy.pt (without identity records: saved before they
     existed). Built in-process with fairseq's own preprocess and train entry points (no interpreter start-ups)."""
     from fairseq import options
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
     from fairseq_cli import preprocess
-    from fairseq_cli import train as train_cli
 
     root = tmp_path_factory.mktemp("identity")
     raw = root / "raw"
@@ -52,16 +50,25 @@ def lm(tmp_path_factory) -> Path:
     preprocess.main(options.get_preprocessing_parser().parse_args([
         "--only-source", "--trainpref", str(raw / "lm.train"), "--validpref", str(raw / "lm.valid"),
         "--testpref", str(raw / "lm.test"), "--destdir", str(root / "bin"), "--workers", "1"]))
-    args = options.parse_args_and_arch(options.get_training_parser(), [
-        str(root / "bin"), "--user-dir", USER_DIR, *LM_TASK, "--arch", "t2r_transformer_lm", *K8, *TRAIN,
-        "--max-update", "2", "--save-dir", str(root / "t2r"), "--disable-validation", "--no-save-optimizer-state"])
-    train_cli.main(convert_namespace_to_omegaconf(args))
+    _train_in_process(root, root / "t2r", *K8, "--max-update", "2", "--no-save-optimizer-state")
     shutil.copy(root / "t2r" / "checkpoint_last.pt", root / "t2r.pt")
     state = torch.load(root / "t2r.pt", weights_only=False)
     model = state["model"]
     _save(root / "teacher.pt", state, {k: v for k, v in model.items() if ".feature_map." not in k})
     _save(root / "legacy.pt", state, {k: v for k, v in model.items() if not k.endswith(".feature_map.spec")})
     return root
+
+
+def _train_in_process(root: Path, save: Path, *extra: str) -> None:
+    """``fairseq-train ROOT/bin ...`` through fairseq's own parser and ``main``, without an interpreter start-up."""
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq_cli import train as train_cli
+
+    args = options.parse_args_and_arch(options.get_training_parser(), [
+        str(root / "bin"), "--user-dir", USER_DIR, *LM_TASK, "--arch", "t2r_transformer_lm", *TRAIN,
+        "--save-dir", str(save), "--disable-validation", *extra])
+    train_cli.main(convert_namespace_to_omegaconf(args))
 
 
 def _save(path: Path, state: dict, model: dict) -> None:
@@ -334,22 +341,25 @@ def test_train_refuses_a_checkpoint_with_other_feature_maps(lm):
                                 r"or pass --reset-feature-maps")
 
 
-def test_train_with_reset_feature_maps_says_so_and_its_checkpoint_evaluates_unreset(lm):
+def test_train_with_reset_feature_maps_says_so_and_its_checkpoint_evaluates_unreset(lm, caplog):
+    """fairseq-train's own entry point, in-process (the flag parsed from a command line, the trainer's load)."""
     from fairseq import checkpoint_utils
 
     save = lm / "reset"
-    proc = _train(lm, save, "--feature-map", "hedgehog", *K8, "--reset-feature-maps", "--finetune-from-model",
-                  lm / "t2r.pt")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (line,) = [line for line in (proc.stdout + proc.stderr).splitlines() if "T2R swap:" in line]
-    assert ("reused 35 tensors from the T2R checkpoint; new 4 tensors" in line
-            and "--reset-feature-maps: new hedgehog (k=8) feature maps in 2 attention layers replace the checkpoint's "
-                "t2r (k=8) ones" in line), line
+    with caplog.at_level(logging.INFO, logger="t2r_fairseq.swap"):
+        _train_in_process(lm, save, "--feature-map", "hedgehog", *K8, "--reset-feature-maps", "--max-update", "1",
+                          "--finetune-from-model", str(lm / "t2r.pt"))
+    (line,) = [r.getMessage() for r in caplog.records if "T2R swap:" in r.getMessage()]
+    assert line == (
+        "T2R swap: reused 35 tensors from the T2R checkpoint; new 4 tensors (decoder.layers.*.self_attn.feature_map.bias"
+        " x2, decoder.layers.*.self_attn.feature_map.weight x2); dropped 4 (--reset-feature-maps: new hedgehog (k=8) "
+        "feature maps in 2 attention layers replace the checkpoint's t2r (k=8) ones)")
     # Its config says reset_feature_maps=True; loading it again must keep the maps it trained.
     ckpt = save / "checkpoint_last.pt"
     saved = torch.load(ckpt, weights_only=False)["model"]
     (model,), _, _ = checkpoint_utils.load_model_ensemble_and_task([str(ckpt)], arg_overrides={"data": str(lm / "bin")})
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items() if ".feature_map." in k)
+    assert FeatureMapSpec.from_tensor(saved["decoder.layers.0.self_attn.feature_map.spec"]).name == "hedgehog"
 
 
 def test_train_names_the_layer_count_on_the_last_line(lm):
