@@ -63,6 +63,8 @@ class SwapError(ValueError):
 
 @dataclass
 class SwapPlan:
+    """What a load will do, decided before anything is copied, so that a refusal leaves the model untouched."""
+
     reused: List[str] = field(default_factory=list)
     new: List[str] = field(default_factory=list)  # weights the model initialises fresh
     dropped: List[str] = field(default_factory=list)  # checkpoint tensors not loaded (only with --reset-feature-maps)
