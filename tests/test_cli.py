@@ -86,6 +86,33 @@ def test_mt_swap_finetune_generate_sacrebleu_and_interactive(work):
     assert len(re.findall(r"^H-\d+\t", inter.stdout, flags=re.M)) == 2
 
 
+def test_mt_python_hub_translate(work):
+    """The README's MT hub example: from_pretrained + translate on a T2R translation checkpoint (recurrent beam
+    search with the cached source state). Runs after the MT swap test above, which writes the checkpoint."""
+    code = (
+        "import t2r_fairseq\n"
+        "from t2r_fairseq.models.t2r_transformer import T2RTransformerModel\n"
+        f"mt = T2RTransformerModel.from_pretrained({str(work / 'mt-t2r')!r}, 'checkpoint_last.pt', "
+        f"{str(work / 'bin-mt')!r}, source_lang='src', target_lang='tgt')\n"
+        "out = mt.translate(['w1 w2 w3', 'w4 w5'], beam=4)\n"
+        "print('N_OUT', len(out), 'WORDS', all(w in mt.tgt_dict.indices for o in out for w in o.split()))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "N_OUT 2 WORDS True" in proc.stdout, proc.stdout
+
+
+def test_forgotten_user_dir_fails_as_the_readme_says(work):
+    """Without --user-dir fairseq cannot know the plugin's models (nothing of ours runs): the README's
+    troubleshooting quotes this exact last line, and the fix."""
+    proc = run("fairseq-eval-lm", work / "bin-lm", "--path", work / "lm-t2r" / "checkpoint_last.pt", "--cpu",
+               "--tokens-per-sample", "64", ok=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == """KeyError: "'_name'\"""", proc.stderr[-1000:]
+    readme = (Path(USER_DIR).parent / "README.md").read_text()
+    assert """KeyError: "'_name'\"""" in readme and "--user-dir" in readme
+
+
 def test_hydra_train_with_user_dir(work):
     cfg_dir = work / "hydra"
     cfg_dir.mkdir(exist_ok=True)
