@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any
+from typing import Any, Callable
+
+from t2r_fairseq.patching import patch_once
 
 
 def atomic_copy(src_path: str, dst_path: str) -> bool:
@@ -37,14 +39,12 @@ def make_checkpoint_copies_atomic() -> None:
     """Patch ``fairseq.file_io.PathManager.copy`` (used by ``checkpoint_utils.save_checkpoint``) once."""
     from fairseq.file_io import PathManager
 
-    original = PathManager.copy
-    if getattr(original, "_t2r_atomic", False):
-        return
+    def atomic_for_local_files(original: Callable[..., Any]) -> Callable[..., Any]:
+        def copy(src_path: str, dst_path: str, overwrite: bool = False) -> Any:
+            if PathManager.path_requires_pathmanager(src_path) or PathManager.path_requires_pathmanager(dst_path):
+                return original(src_path, dst_path, overwrite=overwrite)
+            return atomic_copy(src_path, dst_path)
 
-    def copy(src_path: str, dst_path: str, overwrite: bool = False) -> Any:
-        if PathManager.path_requires_pathmanager(src_path) or PathManager.path_requires_pathmanager(dst_path):
-            return original(src_path, dst_path, overwrite=overwrite)
-        return atomic_copy(src_path, dst_path)
+        return copy
 
-    copy._t2r_atomic = True  # type: ignore[attr-defined]
-    PathManager.copy = staticmethod(copy)  # type: ignore[method-assign]
+    patch_once(PathManager, "copy", atomic_for_local_files)

@@ -31,7 +31,7 @@ from fairseq import checkpoint_utils, metrics, utils
 
 import t2r_fairseq  # noqa: F401  (registers the models and the criterion)
 from t2r_fairseq.criterions.attention_transfer import AttentionTransferCriterion
-from t2r_fairseq.fairseq_compat import CheckpointReadError
+from t2r_fairseq.checkpoint_errors import CheckpointReadError
 
 
 def attention_gap(data: str, path: str, teacher: str, subset: str = "valid", loss: str = "output_mse",

@@ -35,7 +35,7 @@ from fairseq.models import ARCH_MODEL_NAME_REGISTRY, ARCH_MODEL_REGISTRY
 from omegaconf import OmegaConf, open_dict
 
 import t2r_fairseq  # noqa: F401  (registers the models)
-from t2r_fairseq.fairseq_compat import CheckpointReadError
+from t2r_fairseq.checkpoint_errors import CheckpointReadError
 from t2r_fairseq.calibration import LayerCalibration, calibrate_feature_maps
 from t2r_fairseq.swap import NEW_TENSOR_PATTERN
 from t2r_fairseq.tools.arch_flags import T2R_MODELS, architecture_flags
