@@ -32,7 +32,7 @@ setup(
         "subword-nmt>=0.3.8",
     ],
     extras_require={
-        "test": ["pytest>=7", "tensorboardX>=2.6"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "tensorboardX>=2.6"],
         "tensorboard": ["tensorboardX>=2.6"],
         "plots": ["matplotlib>=3.7"],
         # fla's Triton kernels for the chunkwise causal form (CUDA only; --linear-kernel auto|fla).
