@@ -21,7 +21,7 @@ from typing import Dict, Optional, Tuple
 
 _LOG = re.compile(r"^(?P<row>.+)\.(?P<kind>lm|mt)\.(?P<point>\d+)\.(?P<subset>\w+)\.log$")
 _PPL = re.compile(r"Perplexity: ([0-9.]+)")
-_BLEU = re.compile(r"sacreBLEU = ([0-9.]+) .*signature: (\S+)")
+_BLEU = re.compile(r"sacreBLEU = ([0-9.]+) .*signature: ([^\s)]+)")  # the line ends "...; signature: SIG)"
 
 # The study's fairseq subset names -> the corpus files they hold (recipes/accuracy_study.sh)
 SUBSET_NAMES = {"mt": {"test": "test_2016_flickr", "test1": "test_2017_flickr", "valid": "val"},
