@@ -13,13 +13,13 @@ from typing import Any, Callable
 
 from t2r_fairseq.patching import patch_once
 
+
 class DatasetFileError(ValueError):
     """A binarised dataset file is empty, truncated, or does not fit the dictionary; the message names the file."""
 
 
 _MMAP_MAGIC = b"MMIDIDX\x00\x00"
 _MMAP_HEADER = 9 + 8 + 1 + 8  # magic, version, dtype code, number of sentences
-_MMAP_DTYPES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 8, 8: 2, 9: 4, 10: 8}  # fairseq's dtype code -> bytes
 _REBINARISE = "re-run fairseq-preprocess for this split (a copy or a preprocessing run was cut short)"
 
 
@@ -35,6 +35,7 @@ def check_binarised_dataset(prefix: str, dictionary: Any = None) -> None:
     Other formats (raw, lazy, cached) are left to fairseq.
     """
     import numpy as np
+    from fairseq.data.indexed_dataset import _code_to_dtype  # the header's dtype codes, as fairseq's reader maps them
 
     idx, binary = prefix + ".idx", prefix + ".bin"
     has_idx, has_bin = os.path.isfile(idx), os.path.isfile(binary)
@@ -56,7 +57,8 @@ def check_binarised_dataset(prefix: str, dictionary: Any = None) -> None:
             f"-- {_REBINARISE}"
         )
     (version,) = struct.unpack("<Q", header[9:17])
-    itemsize = _MMAP_DTYPES.get(header[17])
+    dtype = _code_to_dtype.get(header[17])
+    itemsize = None if dtype is None else np.dtype(dtype).itemsize
     (count,) = struct.unpack("<Q", header[18:26])
     if version != 1 or itemsize is None:
         raise DatasetFileError(
@@ -79,8 +81,6 @@ def check_binarised_dataset(prefix: str, dictionary: Any = None) -> None:
             f"-- {_REBINARISE}"
         )
     if dictionary is not None and tokens:
-        dtype = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float64,
-                 8: np.uint16, 9: np.uint32, 10: np.uint64}[header[17]]
         largest = int(np.memmap(binary, dtype=dtype, mode="r").max())
         if largest >= len(dictionary):
             raise DatasetFileError(

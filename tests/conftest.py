@@ -19,8 +19,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
 
 # Test files in the order the workers should take them: the longest first, so that no worker is left with a
-# long file at the end while the other one idles (seconds on one core, measured 2026-11-30 with
-# `pytest --durations`: quickstart ~350, recipes ~500, cli ~165, resume ~130, numerics ~70). The other files
+# long file at the end while the other one idles (seconds per file, `pytest --durations` on 2026-11-30, before
+# the quickstart and numerics tests were cut down: recipes ~500, quickstart ~350, cli ~165, resume ~130,
+# numerics ~125). The other files
 # follow in collection order. Each file runs whole on one worker (--dist loadfile in pytest.ini), so its module
 # fixtures are built once and its tests keep their order (test_cli's hub test reads a checkpoint an earlier
 # test writes).
