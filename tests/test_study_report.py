@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO
-from t2r_fairseq.tools.study_report import markdown, read_results
+from t2r_fairseq.tools.study_report import dev_markdown, markdown, read_dev_curves, read_results
 
 SIGNATURE = "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0"
 
@@ -39,7 +39,23 @@ def study(tmp_path: Path) -> Path:
     for name, text in logs.items():
         (ev / f"{name}.log").write_text(text)
     (ev / "notes.txt").write_text("not a log of the study")
+    train = tmp_path / "train"
+    train.mkdir()
+    # the MT teacher was killed at 300 and resumed (the resumed run validates update 300 again), then hit --max-update
+    (train / "teacher.mt.log").write_text(
+        _valid(7, 100, 5.1) + _valid(7, 200, 4.6) + _valid(8, 300, 4.5) + "killed\n"
+        + _valid(8, 300, 4.52) + _valid(9, 400, 4.4) + "fairseq_cli.train | done training in 99.0 seconds\n")
+    (train / "teacher.lm.log").write_text(
+        _valid(1, 77, 7.4) + _valid(2, 154, 6.7) + _valid(3, 231, 6.8)
+        + "early stop since valid performance hasn't improved for last 1 runs\ndone training in 9.0 seconds\n")
+    (train / "t2r.mt.log").write_text(_valid(1, 40, 4.9) + _valid(1, 80, 4.7))
+    (train / "t2r.mt.convert.log").write_text(_valid(1, 1, 0.1))  # not a training log
     return tmp_path
+
+
+def _valid(epoch: int, updates: int, loss: float) -> str:
+    return (f"2026-11-30 09:36:09 | INFO | valid | epoch {epoch:03d} | valid on 'valid' subset | loss {loss} | "
+            f"nll_loss 2.4 | ppl 5.4 | wps 6835.2 | wpb 2179.1 | bsz 126 | num_updates {updates} | best_loss {loss}\n")
 
 
 def test_report_tables_hold_every_point_and_the_gap_to_the_teacher(study: Path) -> None:
@@ -57,6 +73,18 @@ def test_report_tables_hold_every_point_and_the_gap_to_the_teacher(study: Path) 
     assert f"sacreBLEU signature: `{SIGNATURE}`" in text
 
 
+def test_report_reads_dev_curves_and_how_each_teacher_stopped(study: Path) -> None:
+    curves, stopped = read_dev_curves(study)
+    assert curves["mt"]["teacher"] == {100: 5.1, 200: 4.6, 300: 4.52, 400: 4.4}  # the resumed line wins
+    assert set(curves["mt"]) == {"teacher", "t2r"}  # the convert log is not a training log
+    assert stopped == {"mt": "--max-update reached",
+                       "lm": "patience (no dev improvement for --patience validations)"}
+    text = dev_markdown(curves, stopped)
+    assert "teacher: 231 updates run, best dev loss 6.700 at update 154, stopped: patience" in text
+    assert "teacher: 400 updates run, best dev loss 4.400 at update 400, stopped: --max-update reached" in text
+    assert "| t2r | 80 | 4.700 | 4.700 |" in text
+
+
 def test_report_cli_writes_report_and_curves(study: Path, tmp_path: Path) -> None:
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -67,6 +95,8 @@ def test_report_cli_writes_report_and_curves(study: Path, tmp_path: Path) -> Non
     for folder in (study, docs):
         for kind in ("lm", "mt"):
             assert (folder / f"accuracy_{kind}.png").stat().st_size > 1000
+            assert (folder / f"teacher_{kind}.png").stat().st_size > 1000
+    assert "### MT dev loss (training logs)" in proc.stdout
 
 
 def test_report_without_logs_says_which_stage_to_run(tmp_path: Path) -> None:

@@ -3,12 +3,16 @@
     python -m t2r_fairseq.tools.study_report runs/study [--docs docs]
 
 Reads ``OUT/eval/ROW.KIND.POINT.SUBSET.log`` (``fairseq-eval-lm`` perplexity or
-the sacreBLEU line of ``t2r_fairseq.tools.sacrebleu_from_generate``), the
-finetune logs' validation losses, and writes ``OUT/report.md`` (one table per
-task: every row's test metric at every evaluated update count, the teacher as
-reference) and one PNG per task (``accuracy_lm.png``, ``accuracy_mt.png``;
-into ``--docs`` too when given): the metric against finetune updates, the
-teacher as a horizontal line.
+the sacreBLEU line of ``t2r_fairseq.tools.sacrebleu_from_generate``) and the
+training logs ``OUT/train/ROW.KIND.log`` (their validation lines), and writes
+``OUT/report.md`` (one table per task and test set: every row's metric at every
+evaluated update count, the teacher as reference; per task the teacher's cost,
+best dev loss and why it stopped, and every row's last dev loss -- the numbers a
+recipe is chosen by, since the test sets are not for choosing) and PNGs
+(``accuracy_lm.png``, ``accuracy_mt.png``: the metric against finetune updates,
+the teacher as a horizontal line; ``teacher_lm.png``, ``teacher_mt.png``: the
+teacher's dev-loss curve, i.e. the evidence for its convergence), into
+``--docs`` too when given.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from typing import Dict, Optional, Tuple
 
 _LOG = re.compile(r"^(?P<row>.+)\.(?P<kind>lm|mt)\.(?P<point>\d+)\.(?P<subset>\w+)\.log$")
 _PPL = re.compile(r"Perplexity: ([0-9.]+)")
+_TRAIN_LOG = re.compile(r"^(?P<row>.+)\.(?P<kind>lm|mt)\.log$")
+_VALID = re.compile(r"valid on 'valid' subset \| loss (?P<loss>[0-9.]+) .*\| num_updates (?P<updates>\d+)")
 _BLEU = re.compile(r"sacreBLEU = ([0-9.]+) .*signature: ([^\s)]+)")  # the line ends "...; signature: SIG)"
 
 # The study's fairseq subset names -> the corpus files they hold (recipes/accuracy_study.sh)
@@ -28,6 +34,7 @@ SUBSET_NAMES = {"mt": {"test": "test_2016_flickr", "test1": "test_2017_flickr", 
                 "lm": {"test": "test.txt"}}
 
 Results = Dict[str, Dict[str, Dict[str, Dict[int, float]]]]  # kind -> subset -> row -> point -> value
+DevCurves = Dict[str, Dict[str, Dict[int, float]]]  # kind -> row -> update -> dev loss
 
 
 def read_results(out: Path) -> Tuple[Results, Optional[str]]:
@@ -49,6 +56,54 @@ def read_results(out: Path) -> Tuple[Results, Optional[str]]:
         if value is not None:
             results[m["kind"]][m["subset"]][m["row"]][int(m["point"])] = value
     return results, signature
+
+
+def read_dev_curves(out: Path) -> Tuple[DevCurves, Dict[str, str]]:
+    """Dev loss by update from every training log, and how each teacher's training ended.
+
+    A resumed run appends to its log, so an update can appear twice (the checkpoint it resumed from is validated
+    again at the same count); the later line wins. Stopping: fairseq's "early stop" line means patience fired,
+    "done training" without it means --max-update was reached, neither means the run did not finish.
+    """
+    curves: DevCurves = defaultdict(dict)
+    stopped: Dict[str, str] = {}
+    for log in sorted((out / "train").glob("*.log")) if (out / "train").is_dir() else []:
+        m = _TRAIN_LOG.match(log.name)
+        if not m or m["row"].endswith(".convert"):
+            continue
+        text = log.read_text(errors="replace")
+        curve = {int(v["updates"]): float(v["loss"]) for v in _VALID.finditer(text)}
+        if not curve:
+            continue
+        curves[m["kind"]][m["row"]] = curve
+        if m["row"] == "teacher":
+            stopped[m["kind"]] = ("patience (no dev improvement for --patience validations)" if "early stop" in text
+                                  else "--max-update reached" if "done training" in text else "not finished")
+    return curves, stopped
+
+
+def dev_markdown(curves: DevCurves, stopped: Dict[str, str]) -> str:
+    """Per task: the teacher's cost and convergence, and each row's dev loss at the end of its budget."""
+    lines = []
+    for kind in ("lm", "mt"):
+        rows = curves.get(kind, {})
+        if not rows:
+            continue
+        lines.append(f"\n### {kind.upper()} dev loss (training logs)\n")
+        teacher = rows.get("teacher")
+        if teacher:
+            best = min(teacher, key=lambda u: (teacher[u], u))
+            lines.append(f"teacher: {max(teacher)} updates run, best dev loss {teacher[best]:.3f} at update {best}, "
+                         f"stopped: {stopped.get(kind, 'not finished')}; last five validations: "
+                         + ", ".join(f"{u}: {teacher[u]:.3f}" for u in sorted(teacher)[-5:]) + "\n")
+        finetuned = sorted(r for r in rows if r != "teacher")
+        if finetuned:
+            lines.append("| row | updates | dev loss (last) | best dev loss |")
+            lines.append("|---|---|---|---|")
+            for row in finetuned:
+                c = rows[row]
+                lines.append(f"| {row} | {max(c)} | {c[max(c)]:.3f} | {min(c.values()):.3f} |")
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 def markdown(results: Results, signature: Optional[str]) -> str:
@@ -120,6 +175,34 @@ def plot(results: Results, out: Path, docs: Optional[Path]) -> None:
         plt.close(fig)
 
 
+def plot_teachers(curves: DevCurves, out: Path, docs: Optional[Path]) -> None:
+    """The teachers' dev-loss curves: whether "converged" holds is read off these, not asserted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for kind in ("lm", "mt"):
+        teacher = curves.get(kind, {}).get("teacher")
+        if not teacher:
+            continue
+        xs = sorted(teacher)
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        ax.plot(xs, [teacher[x] for x in xs], marker="o", ms=2)
+        best = min(teacher, key=lambda u: (teacher[u], u))
+        ax.axhline(teacher[best], color="black", ls="--", lw=1, label=f"best {teacher[best]:.3f} @ {best}")
+        ax.set_xlabel("teacher training updates")
+        ax.set_ylabel("dev loss (label-smoothed)" if kind == "mt" else "dev loss")
+        ax.set_ylim(top=min(max(teacher.values()), teacher[best] * 1.5))
+        ax.set_title(f"{'WikiText-2 LM' if kind == 'lm' else 'Multi30k EN-DE'} softmax teacher")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        for folder in [out] + ([docs] if docs else []):
+            fig.savefig(folder / f"teacher_{kind}.png", dpi=110)
+        plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path, help="the study's --out directory")
@@ -128,10 +211,12 @@ def main() -> None:
     results, signature = read_results(args.out)
     if not results:
         raise SystemExit(f"study_report: no evaluation logs under {args.out / 'eval'}: run the eval stage first")
-    text = markdown(results, signature)
+    curves, stopped = read_dev_curves(args.out)
+    text = markdown(results, signature) + dev_markdown(curves, stopped)
     (args.out / "report.md").write_text(text)
     print(text)
     plot(results, args.out, args.docs)
+    plot_teachers(curves, args.out, args.docs)
 
 
 if __name__ == "__main__":
