@@ -82,6 +82,11 @@ def read_dev_curves(out: Path) -> Tuple[DevCurves, Dict[str, str]]:
     return curves, stopped
 
 
+def best_update(curve: Dict[int, float]) -> int:
+    """The update with the lowest dev loss (the earliest on ties): what checkpoint_best.pt holds."""
+    return min(curve, key=lambda u: (curve[u], u))
+
+
 def dev_markdown(curves: DevCurves, stopped: Dict[str, str]) -> str:
     """Per task: the teacher's cost and convergence, and each row's dev loss at the end of its budget."""
     lines = []
@@ -92,7 +97,7 @@ def dev_markdown(curves: DevCurves, stopped: Dict[str, str]) -> str:
         lines.append(f"\n### {kind.upper()} dev loss (training logs)\n")
         teacher = rows.get("teacher")
         if teacher:
-            best = min(teacher, key=lambda u: (teacher[u], u))
+            best = best_update(teacher)
             lines.append(f"teacher: {max(teacher)} updates run, best dev loss {teacher[best]:.3f} at update {best}, "
                          f"stopped: {stopped.get(kind, 'not finished')}; last five validations: "
                          + ", ".join(f"{u}: {teacher[u]:.3f}" for u in sorted(teacher)[-5:]) + "\n")
@@ -138,15 +143,21 @@ def markdown(results: Results, signature: Optional[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: Results, out: Path, docs: Optional[Path]) -> None:
+def _pyplot():
+    """matplotlib's pyplot, headless and quiet (fairseq's import leaves the root logger verbose)."""
     import logging
 
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq's import leaves the root logger verbose
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot(results: Results, out: Path, docs: Optional[Path]) -> None:
+    plt = _pyplot()
     for kind in ("lm", "mt"):
         if kind not in results:
             continue
@@ -177,11 +188,7 @@ def plot(results: Results, out: Path, docs: Optional[Path]) -> None:
 
 def plot_teachers(curves: DevCurves, out: Path, docs: Optional[Path]) -> None:
     """The teachers' dev-loss curves: whether "converged" holds is read off these, not asserted."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     for kind in ("lm", "mt"):
         teacher = curves.get(kind, {}).get("teacher")
         if not teacher:
@@ -189,7 +196,7 @@ def plot_teachers(curves: DevCurves, out: Path, docs: Optional[Path]) -> None:
         xs = sorted(teacher)
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         ax.plot(xs, [teacher[x] for x in xs], marker="o", ms=2)
-        best = min(teacher, key=lambda u: (teacher[u], u))
+        best = best_update(teacher)
         ax.axhline(teacher[best], color="black", ls="--", lw=1, label=f"best {teacher[best]:.3f} @ {best}")
         ax.set_xlabel("teacher training updates")
         ax.set_ylabel("dev loss (label-smoothed)" if kind == "mt" else "dev loss")
