@@ -8,7 +8,7 @@
 # --wikitext2 DIR  WikiText-2 valid.txt/test.txt (no train split: train/dev are cut from valid.txt by article,
 #                  see data-prep/wikitext2_split.py; test.txt is only ever used for the final numbers)
 # --stages         comma list of data,teacher,finetune,eval,report (default: all)
-# --rows           comma list of finetune rows (default: all; see ROWS below)
+# --rows           comma list of finetune rows (default: all; see ROWS below); ROW_s<N> reruns ROW with seed N
 # --tasks          lm,mt (default both)
 # Teachers train until dev loss has not improved for $PATIENCE validations ($VALID_EVERY updates apart);
 # checkpoint_best.pt is the teacher. Each finetune row runs FT_UPDATES updates (default: 20% of the updates its
@@ -36,7 +36,7 @@ say() { echo "=== [study $(date +%H:%M:%S)] $*"; }
 # ---- fixed setup (see docs/RESULTS.md) -------------------------------------------------------------------
 SEED=${SEED:-1} VOCAB=${VOCAB:-6000} VALID_EVERY=${VALID_EVERY:-100} PATIENCE=${PATIENCE:-5}
 TEACHER_MAX=${TEACHER_MAX:-4000}
-COMMON=(--optimizer adam --adam-betas "(0.9,0.98)" --clip-norm 1.0 --max-tokens 4096 --cpu --seed "$SEED"
+COMMON=(--optimizer adam --adam-betas "(0.9,0.98)" --clip-norm 1.0 --max-tokens 4096 --cpu
         --log-format simple --log-interval 25 --num-workers 0 --user-dir "$ROOT/t2r_fairseq" --no-epoch-checkpoints)
 LM_ARCH=(--task language_modeling --tokens-per-sample 256 --decoder-layers 4 --decoder-embed-dim 128
          --decoder-ffn-embed-dim 512 --decoder-attention-heads 4 --share-decoder-input-output-embed --dropout 0.2)
@@ -79,7 +79,7 @@ if has teacher "$STAGES"; then
     mkdir -p "$OUT/train"; arch=transformer_lm; [[ $kind == mt ]] && arch=transformer
     say "teacher $kind -> $log"
     # shellcheck disable=SC2046
-    fairseq-train "$OUT/data-bin/$kind" --arch $arch $(arch_args $kind) "${COMMON[@]}" "${TEACHER_OPT[@]}" \
+    fairseq-train "$OUT/data-bin/$kind" --arch $arch $(arch_args $kind) "${COMMON[@]}" --seed "$SEED" "${TEACHER_OPT[@]}" \
       --max-update "$TEACHER_MAX" --validate-interval-updates "$VALID_EVERY" --save-interval-updates "$VALID_EVERY" \
       --keep-interval-updates 1 --patience "$PATIENCE" --save-dir "$save" >> "$log" 2>&1   # rerun: resumes, log appended
   done
@@ -92,8 +92,9 @@ fi
 ALL_ROWS="t2r elu performer rfa hedgehog t2r_lr8 t2r_cal t2r_cal_lr8 hedgehog_cal t2r_cal_lr8_k64 selfonly_t2r_cal_lr8 hybrid4_t2r_cal_lr8"
 ROWS=${ROWS_ARG//,/ }; ROWS=${ROWS:-$ALL_ROWS}
 FT_LR=${FT_LR:-5e-4} CAL_STEPS=${CAL_STEPS:-300}
-row_args() {  # row kind -> "map=..., convert args | finetune args"
-  local row=$1 kind=$2 map=t2r feat=32 cal=0 lrs=1 extra=()
+row_args() {  # row kind -> CONVERT_ARGS, FT_ARGS, ROW_SEED; a trailing _s<N> reruns a row with seed N (seed variance)
+  local row=$1 kind=$2 map=t2r feat=32 cal=0 lrs=1
+  ROW_SEED=$SEED; [[ $row =~ _s([0-9]+)$ ]] && ROW_SEED=${BASH_REMATCH[1]}
   case $row in *hedgehog*) map=hedgehog;; *performer*) map=performer;; *elu*) map=elu;; *rfa*) map=rfa;; esac
   [[ $row == *_cal* ]] && cal=$CAL_STEPS
   [[ $row == *_lr8* ]] && lrs=8
@@ -129,10 +130,10 @@ if has finetune "$STAGES"; then
       mkdir -p "$save"
       say "convert $row ($kind): ${CONVERT_ARGS[*]}"
       python -m t2r_fairseq.tools.convert "$teacher" "$save/checkpoint_0.pt" --data "$OUT/data-bin/$kind" \
-        "${CONVERT_ARGS[@]}" --seed "$SEED" > "$OUT/train/$row.$kind.convert.log" 2>&1
+        "${CONVERT_ARGS[@]}" --seed "$ROW_SEED" > "$OUT/train/$row.$kind.convert.log" 2>&1
       say "finetune $row ($kind, $FT_UPDATES updates): ${FT_ARGS[*]} -> $log"
       # shellcheck disable=SC2046
-      fairseq-train "$OUT/data-bin/$kind" --arch $t2r_arch $(arch_args $kind) "${COMMON[@]}" "${FT_ARGS[@]}" \
+      fairseq-train "$OUT/data-bin/$kind" --arch $t2r_arch $(arch_args $kind) "${COMMON[@]}" --seed "$ROW_SEED" "${FT_ARGS[@]}" \
         --finetune-from-model "$save/checkpoint_0.pt" --lr "$FT_LR" --lr-scheduler inverse_sqrt \
         --warmup-updates $((FT_UPDATES / 10)) --max-update "$FT_UPDATES" --save-interval-updates "$FT_SAVE_EVERY" \
         --validate-interval-updates "$FT_SAVE_EVERY" --keep-interval-updates -1 --save-dir "$save" > "$log" 2>&1
