@@ -101,6 +101,17 @@ row_args() {  # row kind -> CONVERT_ARGS, FT_ARGS, ROW_SEED; a trailing _s<N> re
   [[ $row == *_k64* ]] && feat=64
   CONVERT_ARGS=(--feature-map $map --feature-size $feat --calibrate-steps $cal)
   FT_ARGS=(--feature-map $map --feature-size $feat --feature-map-lr-scale $lrs)
+  # Joint losses from the softmax teacher: _atce adds attention transfer (attention CE, weight 1), _kd word-level
+  # distillation (task loss = 0.5 label-smoothed CE + 0.5 KL(teacher || model)).
+  if [[ $row == *_atce* || $row == *_kd* ]]; then
+    local tw=0 dw=0; [[ $row == *_atce* ]] && tw=1; [[ $row == *_kd* ]] && dw=0.5
+    FT_ARGS+=(--criterion t2r_attention_transfer --transfer-loss attention_ce --transfer-weight $tw --distill-weight $dw
+              --transfer-teacher "$OUT/checkpoints/teacher.$kind/checkpoint_best.pt")
+  fi
+  # _poly: lr decays linearly to 0 at the end of the budget (fairseq's polynomial_decay, as RoBERTa/BART finetuning)
+  # instead of inverse_sqrt, which still runs at 1/sqrt(10) of its peak (the feature maps at 8x that) at the end.
+  SCHED=(--lr-scheduler inverse_sqrt)
+  [[ $row == *_poly* ]] && SCHED=(--lr-scheduler polynomial_decay --total-num-update "$FT_UPDATES" --end-learning-rate 0)
   if [[ $row == selfonly_* ]]; then CONVERT_ARGS+=(--softmax-cross-attention); FT_ARGS+=(--softmax-cross-attention); fi
   if [[ $row == hybrid* ]]; then
     local w=${row%%_*}; w=${w#hybrid}; [[ $kind == lm ]] && w=$((w * 8))   # MT W=4 (sentences ~20 pieces), LM W=32 (256-token blocks)
@@ -134,7 +145,7 @@ if has finetune "$STAGES"; then
       say "finetune $row ($kind, $FT_UPDATES updates): ${FT_ARGS[*]} -> $log"
       # shellcheck disable=SC2046
       fairseq-train "$OUT/data-bin/$kind" --arch $t2r_arch $(arch_args $kind) "${COMMON[@]}" --seed "$ROW_SEED" "${FT_ARGS[@]}" \
-        --finetune-from-model "$save/checkpoint_0.pt" --lr "$FT_LR" --lr-scheduler inverse_sqrt \
+        --finetune-from-model "$save/checkpoint_0.pt" --lr "$FT_LR" "${SCHED[@]}" \
         --warmup-updates $((FT_UPDATES / 10)) --max-update "$FT_UPDATES" --save-interval-updates "$FT_SAVE_EVERY" \
         --validate-interval-updates "$FT_SAVE_EVERY" --keep-interval-updates -1 --save-dir "$save" > "$log" 2>&1
     done

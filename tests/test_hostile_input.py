@@ -163,6 +163,8 @@ OPTION_CASES = [
      r"--transfer-weight-end must be a finite number >= 0 .*got nan"),
     (["--criterion", "t2r_attention_transfer", "--transfer-only-updates", "-5"],
      r"--transfer-only-updates must be an integer >= 0, got -5"),
+    (["--criterion", "t2r_attention_transfer", "--distill-weight", "1.5"],
+     r"TransferOptionError: --distill-weight must be in \[0, 1\] .*got 1.5"),
     (["--criterion", "t2r_attention_transfer", "--label-smoothing", "1.5"],
      r"--label-smoothing must be in \[0, 1\) .*got 1.5"),
 ]

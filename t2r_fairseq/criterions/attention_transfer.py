@@ -23,6 +23,15 @@ one fairseq run:
   stage = "transfer, then task finetuning": training steps then skip the
   transfer computation, validation still reports it).
 
+Word-level distillation (``--distill-weight a``): the task loss becomes
+``(1 - a) * task + a * KL(teacher || student)`` summed over target tokens, the
+teacher being the *whole* softmax checkpoint (``--transfer-teacher``, default
+``--finetune-from-model``), frozen and in eval mode. The swapped model then
+learns the teacher's full next-token distribution instead of one-hot labels,
+which keeps it near the function it was converted from. It costs one teacher
+forward per batch (no backward); ``--transfer-weight 0 --distill-weight a`` is
+distillation alone. Logged as ``distill`` (nats per token).
+
 Per-layer transfer losses are logged as fairseq metrics (``at_dec0_self``,
 ``at_dec0_cross``, ``at_enc0_self``, ... and their mean ``transfer``), so they
 appear in the progress output, in validation and in ``--tensorboard-logdir``.
@@ -49,6 +58,7 @@ from fairseq.criterions import register_criterion
 from fairseq.criterions.label_smoothed_cross_entropy import (
     LabelSmoothedCrossEntropyCriterion,
     LabelSmoothedCrossEntropyCriterionConfig,
+    label_smoothed_nll_loss,
 )
 from fairseq.dataclass import ChoiceEnum
 from omegaconf import II
@@ -58,6 +68,7 @@ from t2r_fairseq.models.layers import T2RTransformerDecoder
 from t2r_fairseq.modules.linear_multihead_attention import LinearMultiheadAttention
 from t2r_fairseq.modules.softmax_teacher import SoftmaxAttentionTeacher, TeacherLoadError
 from t2r_fairseq.ops.attention_transfer import attention_entropy, attention_kl, output_mse
+from t2r_fairseq.ops.distillation import token_kl
 from t2r_fairseq.swap import NEW_TENSOR_PATTERN
 
 logger = logging.getLogger(__name__)
@@ -99,7 +110,18 @@ class AttentionTransferConfig(LabelSmoothedCrossEntropyCriterionConfig):
     )
     transfer_teacher: Optional[str] = field(
         default=None,
-        metadata={"help": "softmax checkpoint to take the teacher attention from (default: --finetune-from-model)"},
+        metadata={
+            "help": "softmax checkpoint to take the teacher attention (and, with --distill-weight, the teacher "
+            "model) from (default: --finetune-from-model)"
+        },
+    )
+    distill_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "a in [0, 1]: task loss = (1 - a) * label-smoothed CE + a * KL(teacher || model) per target "
+            "token, the teacher being the whole softmax checkpoint of --transfer-teacher (word-level "
+            "distillation; one extra teacher forward per batch). 0: off"
+        },
     )
     transfer_teacher_projections: TEACHER_PROJECTIONS = field(  # type: ignore[valid-type]
         default="checkpoint",
@@ -127,15 +149,49 @@ def read_teacher_projections(path: str) -> Dict[str, Tensor]:
     Refuses a T2R checkpoint: transfer from a model that already has linear
     attention would teach the student its own approximation.
     """
+    return projections_of(_softmax_checkpoint(path)["model"])
+
+
+def projections_of(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """The attention projection tensors of a softmax model's state dict."""
+    return {k: v for k, v in state.items() if _PROJECTION_KEY.search(k)}
+
+
+def _softmax_checkpoint(path: str) -> Dict[str, Any]:
     from fairseq import checkpoint_utils
 
-    state = checkpoint_utils.load_checkpoint_to_cpu(path)["model"]
-    if any(NEW_TENSOR_PATTERN.search(k) for k in state):
+    state = checkpoint_utils.load_checkpoint_to_cpu(path)
+    if any(NEW_TENSOR_PATTERN.search(k) for k in state["model"]):
         raise TeacherLoadError(
             f"teacher checkpoint {path} is a T2R checkpoint (it has feature-map tensors); attention transfer "
             "needs the softmax checkpoint the swap came from: pass it with --transfer-teacher PATH"
         )
-    return {k: v for k, v in state.items() if _PROJECTION_KEY.search(k)}
+    return state
+
+
+def load_teacher_model(path: str, task: Any) -> nn.Module:
+    """The whole softmax model of ``path``, built for ``task``'s dictionaries, frozen, in eval mode.
+
+    Built from the checkpoint's own model config (not the student's), so any
+    fairseq ``transformer`` / ``transformer_lm`` teacher works; the task's own
+    state is left untouched (unlike ``load_model_ensemble``, which would load
+    the checkpoint's task state into the training task). A dictionary that does
+    not fit the checkpoint (the plugin's DictionaryMismatchError) or a model of
+    another task is named here, before training.
+    """
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    state = _softmax_checkpoint(path)
+    cfg = convert_namespace_to_omegaconf(state["args"]) if state.get("args") is not None else state["cfg"]
+    try:
+        teacher = task.build_model(cfg.model)
+        teacher.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
+    except (RuntimeError, AttributeError, KeyError) as e:  # size mismatch; a model of another task's kind
+        raise TeacherLoadError(
+            f"teacher checkpoint {path} does not load as a model of this task ({str(e).splitlines()[0]}): "
+            "distill from the softmax checkpoint trained for this task and data"
+        ) from e
+    return teacher.eval().requires_grad_(False)
 
 
 class TransferOptionError(ValueError):
@@ -150,7 +206,7 @@ class TransferOptionError(ValueError):
 def validate_transfer_options(
     label_smoothing: float, ignore_prefix_size: int, transfer_loss: Any, transfer_weight: float,
     transfer_weight_end: Optional[float], transfer_anneal_updates: int, transfer_only_updates: int,
-    transfer_teacher_projections: Any,
+    transfer_teacher_projections: Any, distill_weight: float = 0.0,
 ) -> None:
     """Raise one :class:`TransferOptionError` line for the first option out of its range."""
 
@@ -172,6 +228,11 @@ def validate_transfer_options(
                 f"{option} must be a finite number >= 0 (weight of the transfer loss next to the task loss; "
                 f"0: task loss only), got {value!r}"
             )
+    if not (finite(distill_weight) and 0 <= distill_weight <= 1):
+        raise TransferOptionError(
+            f"--distill-weight must be in [0, 1] (share of the teacher's distribution in the task loss; "
+            f"0: labels only), got {distill_weight!r}"
+        )
     for option, value, choices in [("--transfer-loss", transfer_loss, ("output_mse", "attention_ce")),
                                    ("--transfer-teacher-projections", transfer_teacher_projections,
                                     ("checkpoint", "student"))]:
@@ -204,13 +265,14 @@ class AttentionTransferCriterion(LabelSmoothedCrossEntropyCriterion):
         transfer_only_updates: int = 0,
         transfer_teacher: Optional[str] = None,
         transfer_teacher_projections: str = "checkpoint",
+        distill_weight: float = 0.0,
         finetune_from_model: Optional[str] = None,
     ) -> None:
         validate_transfer_options(
             label_smoothing=label_smoothing, ignore_prefix_size=ignore_prefix_size, transfer_loss=transfer_loss,
             transfer_weight=transfer_weight, transfer_weight_end=transfer_weight_end,
             transfer_anneal_updates=transfer_anneal_updates, transfer_only_updates=transfer_only_updates,
-            transfer_teacher_projections=transfer_teacher_projections,
+            transfer_teacher_projections=transfer_teacher_projections, distill_weight=distill_weight,
         )
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
         self.transfer_loss = str(transfer_loss)
@@ -221,11 +283,21 @@ class AttentionTransferCriterion(LabelSmoothedCrossEntropyCriterion):
         self.teacher_path = transfer_teacher or finetune_from_model
         self.teacher_projections = str(transfer_teacher_projections)
         # Read and check the teacher now, before fairseq starts training (an error inside a training
-        # step would leave a crash.pt behind). Only its attention projections are kept. A missing file
+        # step would leave a crash.pt behind). Only its attention projections are kept
+        # (and, for distillation, the whole model). A missing file
         # is reported when training needs it, so fairseq-validate on a finetuned model never needs it.
         self._teacher_state: Optional[Dict[str, Tensor]] = None
-        if self.teacher_projections == "checkpoint" and self.teacher_path and os.path.exists(self.teacher_path):
-            self._teacher_state = read_teacher_projections(self.teacher_path)
+        self.distill_weight = distill_weight
+        # The whole teacher, in a list: as an attribute nn.Module would register it as a submodule, and
+        # fairseq would then save it into (and demand it back from) every checkpoint's criterion state.
+        self._whole_teacher: List[nn.Module] = []
+        if self.teacher_path and os.path.exists(self.teacher_path):
+            if distill_weight > 0:
+                self._whole_teacher.append(load_teacher_model(self.teacher_path, task))
+                if self.teacher_projections == "checkpoint":  # one read of the checkpoint serves both
+                    self._teacher_state = projections_of(self._whole_teacher[0].state_dict())
+            elif self.teacher_projections == "checkpoint":
+                self._teacher_state = read_teacher_projections(self.teacher_path)
         # Per-layer teachers; plain attributes, not submodules, so the criterion keeps no state to save or wrap.
         self._teachers: Dict[str, SoftmaxAttentionTeacher] = {}
         self._hooked: set[int] = set()
@@ -279,6 +351,21 @@ class AttentionTransferCriterion(LabelSmoothedCrossEntropyCriterion):
             f"attention transfer: {self.transfer_loss} on {len(attentions)} layers, teacher projections from "
             f"{self.teacher_path}"
         )
+
+    def teacher_model(self, model: nn.Module) -> nn.Module:
+        """The frozen softmax teacher on ``model``'s device and dtype (loaded now if it was not at build)."""
+        if not self._whole_teacher:
+            if not self.teacher_path:
+                raise TeacherLoadError(
+                    "--distill-weight needs the softmax teacher checkpoint: pass --transfer-teacher PATH "
+                    "(or --finetune-from-model PATH with the softmax checkpoint itself)"
+                )
+            self._whole_teacher.append(load_teacher_model(self.teacher_path, self.task))  # names a missing path
+        teacher, p = self._whole_teacher[0], next(model.parameters())
+        t = next(teacher.parameters())
+        if (t.device, t.dtype) != (p.device, p.dtype):  # follows the model to its device and (fp16/bf16) dtype
+            teacher.to(device=p.device, dtype=p.dtype)
+        return teacher
 
     def attach(self, model: nn.Module) -> List[Tuple[str, LinearMultiheadAttention]]:
         """Load the per-layer teachers (once) and hook every swapped attention of ``model``; idempotent."""
@@ -379,12 +466,23 @@ class AttentionTransferCriterion(LabelSmoothedCrossEntropyCriterion):
         transfer = (transfer_only or weight != 0.0) if training else bool(attentions)
         self._transfer_only = transfer_only
         self._needs_grad = training and transfer
+        # Distillation joins the task loss after the transfer-only stage; validation reports it when the
+        # teacher is at hand (fairseq-validate on a finished model needs no teacher).
+        distill = self.distill_weight > 0 and not transfer_only and (training or bool(self._whole_teacher))
+        teacher_lprobs = None
+        if distill:
+            with torch.no_grad():
+                teacher = self.teacher_model(model)
+                teacher_lprobs, _ = self.get_lprobs_and_target(teacher, teacher(**sample["net_input"]), sample)
         self._query_mask = sample["target"].ne(self.padding_idx)
         self._records = {} if transfer else None
         try:
             with torch.no_grad() if transfer_only else nullcontext():
                 net_output = model(**sample["net_input"])
-                task_loss, nll_loss = self.compute_loss(model, net_output, sample, reduce=True)
+                lprobs, target = self.get_lprobs_and_target(model, net_output, sample)  # = compute_loss's
+                task_loss, nll_loss = label_smoothed_nll_loss(
+                    lprobs, target, self.eps, ignore_index=self.padding_idx, reduce=True
+                )
             records = self._records or {}
         finally:
             self._records, self._query_mask, self._transfer_only, self._needs_grad = None, None, False, False
@@ -398,6 +496,12 @@ class AttentionTransferCriterion(LabelSmoothedCrossEntropyCriterion):
             "sample_size": sample_size,
         }
         loss = task_loss
+        if teacher_lprobs is not None:
+            kd = token_kl(teacher_lprobs, lprobs, target.ne(self.padding_idx))
+            logging_output["distill"] = kd.data
+            if training:
+                loss = (1.0 - self.distill_weight) * task_loss + self.distill_weight * kd
+                logging_output["loss"] = loss.data
         if records:
             if len(records) != len(attentions):
                 missing = sorted(set(n for n, _ in attentions) - set(records))
@@ -408,7 +512,7 @@ class AttentionTransferCriterion(LabelSmoothedCrossEntropyCriterion):
             if transfer_only:
                 loss = transfer_mean * sample_size
             elif training and weight != 0.0:
-                loss = task_loss + weight * transfer_mean * sample_size
+                loss = loss + weight * transfer_mean * sample_size
             logging_output["loss"] = loss.data
             logging_output["transfer"] = transfer_mean.data * sample_size
             for name, value in records.items():
@@ -430,7 +534,7 @@ class AttentionTransferCriterion(LabelSmoothedCrossEntropyCriterion):
         sample_size = sum(log.get("sample_size", 0) for log in logging_outputs)
         keys = sorted({
             k for log in logging_outputs for k in log
-            if k == "transfer" or k.startswith(METRIC_PREFIX) or k.startswith(ENTROPY_PREFIX)
+            if k in ("transfer", "distill") or k.startswith(METRIC_PREFIX) or k.startswith(ENTROPY_PREFIX)
         })
         for key in keys:
             total = sum(log.get(key, 0) for log in logging_outputs)
