@@ -84,11 +84,10 @@ def test_distillation_trains_then_logs_the_kl_between_teacher_and_model(work, tm
         plain = AttentionTransferCriterion(task, False, 0.1, transfer_weight=0.0)
         assert out["loss"].item() == pytest.approx(plain(student.eval(), sample)[2]["loss"].item(), rel=1e-6)
 
-    # Generation never needs the teacher.
-    teacher.unlink()
-    gen = run("fairseq-generate", work / "bin-mt", "--user-dir", USER_DIR, "--path", save / "checkpoint_last.pt",
-              "--beam", "2", "--cpu", "--max-tokens", "2048")
-    assert re.search(r"BLEU4 = [\d.]+", gen.stdout + gen.stderr)
+    # The whole teacher is never saved: the checkpoint holds the model's tensors only and no criterion state, so
+    # generation needs no teacher (fairseq-generate without it: test_attention_transfer's MT test).
+    saved = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    assert set(saved["model"]) == set(student.state_dict()) and not saved.get("criterion")
 
 
 def test_distillation_teacher_must_fit_the_task(work, tmp_path):
