@@ -355,7 +355,7 @@ t2r_mt_finetune() {
   t2r_train finetune "$FINETUNE_CONFIG" "$T2R_DIR" "$WORK/logs/finetune.log" \
     task.data="$BIN" checkpoint.finetune_from_model="$TEACHER_CKPT" \
     model.feature_size="$FEATURE_SIZE" model.cross_feature_size="$CROSS_FEATURE_SIZE" \
-    optimization.max_update="$MAX_UPDATE" dataset.max_tokens="$MAX_TOKENS" \
+    optimization.max_update="$MAX_UPDATE" lr_scheduler.total_num_update="$MAX_UPDATE" dataset.max_tokens="$MAX_TOKENS" \
     "optimization.update_freq=[$(t2r_update_freq "$FINETUNE_CONFIG" "$REF_WORLD")]" "${extra[@]}" "${more[@]}"
   t2r_mark finetune
 }
