@@ -10,22 +10,28 @@
 # --stages         comma list of data,teacher,finetune,eval,report (default: all)
 # --rows           comma list of finetune rows (default: all; see ROWS below); ROW_s<N> reruns ROW with seed N
 # --tasks          lm,mt (default both)
+# --device         cpu (default) or cuda: training, calibration and evaluation on the GPU (fp32)
+# --size           small (default: the 2-core study, d=128) or base (6+6 / 6 layers, d=512, 8 heads, dropout 0.3:
+#                  the same comparison at transformer-base size, for a GPU)
 # Teachers train until dev loss has not improved for $PATIENCE validations ($VALID_EVERY updates apart);
 # checkpoint_best.pt is the teacher. Each finetune row runs FT_UPDATES updates (default: 20% of the updates its
 # teacher's training ran, early stopping included; FT_UPDATES_LM / FT_UPDATES_MT override it per task)
-# budget by default) and saves a checkpoint every eighth of it, so one run gives the whole curve.
+# and saves a checkpoint every eighth of it, so one run gives the whole curve.
 # Threads: OMP_NUM_THREADS (default 2). Everything lands under --out; finished steps are skipped.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-OUT=runs/study M30K="" WT2="" STAGES=data,teacher,finetune,eval,report ROWS_ARG="" TASKS=lm,mt
+OUT=runs/study M30K="" WT2="" STAGES=data,teacher,finetune,eval,report ROWS_ARG="" TASKS=lm,mt DEVICE=cpu SIZE=small
 while [[ $# -gt 0 ]]; do
   case $1 in
     --out) OUT=$2; shift 2;; --multi30k) M30K=$2; shift 2;; --wikitext2) WT2=$2; shift 2;;
     --stages) STAGES=$2; shift 2;; --rows) ROWS_ARG=$2; shift 2;; --tasks) TASKS=$2; shift 2;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0;;
+    --device) DEVICE=$2; shift 2;; --size) SIZE=$2; shift 2;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0;;
     *) echo "accuracy_study: unknown option $1 (see --help)" >&2; exit 2;;
   esac
 done
+case $DEVICE in cpu) DEV=(--cpu);; cuda) DEV=();; *) echo "accuracy_study: --device must be cpu or cuda, not '$DEVICE'" >&2; exit 2;; esac
+[[ $SIZE == small || $SIZE == base ]] || { echo "accuracy_study: --size must be small or base, not '$SIZE'" >&2; exit 2; }
 if [[ -x $ROOT/.venv/bin/python ]]; then export PATH=$ROOT/.venv/bin:$PATH; fi
 command -v fairseq-train >/dev/null || { echo "accuracy_study: fairseq not found; run 'bash scripts/setup.sh' first" >&2; exit 1; }
 mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
@@ -36,7 +42,7 @@ say() { echo "=== [study $(date +%H:%M:%S)] $*"; }
 # ---- fixed setup (see docs/RESULTS.md) -------------------------------------------------------------------
 SEED=${SEED:-1} VOCAB=${VOCAB:-6000} VALID_EVERY=${VALID_EVERY:-100} PATIENCE=${PATIENCE:-5}
 TEACHER_MAX=${TEACHER_MAX:-4000}
-COMMON=(--optimizer adam --adam-betas "(0.9,0.98)" --clip-norm 1.0 --max-tokens 4096 --cpu
+COMMON=(--optimizer adam --adam-betas "(0.9,0.98)" --clip-norm 1.0 --max-tokens 4096 "${DEV[@]}"
         --log-format simple --log-interval 25 --num-workers 0 --user-dir "$ROOT/t2r_fairseq" --no-epoch-checkpoints)
 LM_ARCH=(--task language_modeling --tokens-per-sample 256 --decoder-layers 4 --decoder-embed-dim 128
          --decoder-ffn-embed-dim 512 --decoder-attention-heads 4 --share-decoder-input-output-embed --dropout 0.2)
@@ -44,7 +50,18 @@ MT_ARCH=(--task translation -s en -t de --encoder-layers 3 --decoder-layers 3 --
          --decoder-embed-dim 128 --encoder-ffn-embed-dim 512 --decoder-ffn-embed-dim 512 --encoder-attention-heads 4
          --decoder-attention-heads 4 --share-all-embeddings --dropout 0.2
          --criterion label_smoothed_cross_entropy --label-smoothing 0.1)
-TEACHER_OPT=(--lr 1.5e-3 --lr-scheduler inverse_sqrt --warmup-updates 300)
+if [[ $SIZE == base ]]; then
+  LM_ARCH=(--task language_modeling --tokens-per-sample 256 --decoder-layers 6 --decoder-embed-dim 512
+           --decoder-ffn-embed-dim 2048 --decoder-attention-heads 8 --share-decoder-input-output-embed --dropout 0.3)
+  MT_ARCH=(--task translation -s en -t de --encoder-layers 6 --decoder-layers 6 --encoder-embed-dim 512
+           --decoder-embed-dim 512 --encoder-ffn-embed-dim 2048 --decoder-ffn-embed-dim 2048 --encoder-attention-heads 8
+           --decoder-attention-heads 8 --share-all-embeddings --dropout 0.3
+           --criterion label_smoothed_cross_entropy --label-smoothing 0.1)
+fi
+# base: a post-norm 6+6 d=512 transformer diverges at the small model's 1.5e-3 (seen on Multi30k: loss stuck at 9)
+TEACHER_LR=${TEACHER_LR:-$([[ $SIZE == base ]] && echo 5e-4 || echo 1.5e-3)}
+TEACHER_WARMUP=${TEACHER_WARMUP:-$([[ $SIZE == base ]] && echo 1000 || echo 300)}
+TEACHER_OPT=(--lr "$TEACHER_LR" --lr-scheduler inverse_sqrt --warmup-updates "$TEACHER_WARMUP")
 
 # ---- data --------------------------------------------------------------------------------------------------
 if has data "$STAGES"; then
@@ -141,7 +158,7 @@ if has finetune "$STAGES"; then
       mkdir -p "$save"
       say "convert $row ($kind): ${CONVERT_ARGS[*]}"
       python -m t2r_fairseq.tools.convert "$teacher" "$save/checkpoint_0.pt" --data "$OUT/data-bin/$kind" \
-        "${CONVERT_ARGS[@]}" --seed "$ROW_SEED" > "$OUT/train/$row.$kind.convert.log" 2>&1
+        "${CONVERT_ARGS[@]}" --seed "$ROW_SEED" --device "$DEVICE" > "$OUT/train/$row.$kind.convert.log" 2>&1
       say "finetune $row ($kind, $FT_UPDATES updates): ${FT_ARGS[*]} -> $log"
       # shellcheck disable=SC2046
       fairseq-train "$OUT/data-bin/$kind" --arch $t2r_arch $(arch_args $kind) "${COMMON[@]}" --seed "$ROW_SEED" "${FT_ARGS[@]}" \
@@ -162,11 +179,11 @@ evaluate() {  # evaluate NAME KIND CHECKPOINT POINT SUBSET
   if grep -q "Perplexity\|sacreBLEU = " "$log" 2>/dev/null; then return; fi
   mkdir -p "$OUT/eval"
   if [[ $kind == lm ]]; then
-    fairseq-eval-lm "$OUT/data-bin/lm" --user-dir "$ROOT/t2r_fairseq" --path "$ck" --cpu --tokens-per-sample 256 \
+    fairseq-eval-lm "$OUT/data-bin/lm" --user-dir "$ROOT/t2r_fairseq" --path "$ck" "${DEV[@]}" --tokens-per-sample 256 \
       --max-tokens 8192 --required-batch-size-multiple 1 --gen-subset "$subset" > "$tmp" 2>&1
   else
     local ref=$M30K/$([[ $subset == test ]] && echo test_2016_flickr || ([[ $subset == test1 ]] && echo test_2017_flickr || echo val)).de
-    fairseq-generate "$OUT/data-bin/mt" --user-dir "$ROOT/t2r_fairseq" --path "$ck" --cpu --beam 4 --max-tokens 8192 \
+    fairseq-generate "$OUT/data-bin/mt" --user-dir "$ROOT/t2r_fairseq" --path "$ck" "${DEV[@]}" --beam 4 --max-tokens 8192 \
       --max-len-a 1.2 --max-len-b 10 --required-batch-size-multiple 1 --gen-subset "$subset" \
       --post-process sentencepiece > "$tmp" 2>&1
     python -m t2r_fairseq.tools.sacrebleu_from_generate "$tmp" --ref "$ref" >> "$tmp"
@@ -184,7 +201,8 @@ if has eval "$STAGES"; then
     B=$(ft_updates $kind)
     for row in $ROWS; do
       [[ -e $OUT/checkpoints/$row.$kind/checkpoint_0.pt ]] || continue
-      points="0 $((B / 8)) $((B / 4)) $((B / 2)) $B"; [[ $kind == mt ]] && points="0 $((B / 4)) $((B / 2)) $B"
+      # the end of the budget first: a run stopped early still has the number that matters
+      points="$B 0 $((B / 8)) $((B / 4)) $((B / 2))"; [[ $kind == mt ]] && points="$B 0 $((B / 4)) $((B / 2))"
       for point in $points; do
         ck=$OUT/checkpoints/$row.$kind/checkpoint_0.pt
         [[ $point != 0 ]] && ck=$(ls "$OUT"/checkpoints/$row.$kind/checkpoint_*_$point.pt 2>/dev/null | head -1)

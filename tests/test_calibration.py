@@ -240,6 +240,15 @@ def test_convert_refuses_bad_input(work, tmp_path) -> None:
     assert proc.returncode != 0
     assert "already a T2R checkpoint" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "o.pt").exists()
+    teacher = str(work / "lm-teacher" / "checkpoint_last.pt")
+    with pytest.raises(ConvertError, match="only cpu and cuda are supported"):
+        convert(teacher, str(tmp_path / "o.pt"), str(work / "bin-lm"), {}, device="meta")
+    with pytest.raises(ConvertError, match="is not a device"):
+        convert(teacher, str(tmp_path / "o.pt"), str(work / "bin-lm"), {}, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConvertError, match="sees no CUDA device; use --device cpu"):
+            convert(teacher, str(tmp_path / "o.pt"), str(work / "bin-lm"), {}, device="cuda")
+    assert not (tmp_path / "o.pt").exists()
 
 
 @pytest.mark.parametrize("kind", ["lm", "mt"])

@@ -114,6 +114,8 @@ def test_report_without_logs_says_which_stage_to_run(tmp_path: Path) -> None:
      "accuracy_study: --multi30k DIR is required for MT evaluation (references)"),
     (["--stages", "finetune", "--tasks", "lm"], "no teacher"),
     (["--frobnicate"], "accuracy_study: unknown option --frobnicate (see --help)"),
+    (["--device", "tpu"], "accuracy_study: --device must be cpu or cuda, not 'tpu'"),
+    (["--size", "large"], "accuracy_study: --size must be small or base, not 'large'"),
 ])
 def test_study_script_refuses_before_anything_runs(tmp_path: Path, args: list, last_line: str) -> None:
     out = tmp_path / "study"
@@ -128,5 +130,5 @@ def test_study_script_help_lists_its_options() -> None:
     proc = subprocess.run(["bash", str(REPO / "recipes" / "accuracy_study.sh"), "--help"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
-    for option in ("--multi30k", "--wikitext2", "--stages", "--rows", "--tasks"):
+    for option in ("--multi30k", "--wikitext2", "--stages", "--rows", "--tasks", "--device", "--size"):
         assert option in proc.stdout

@@ -3,7 +3,8 @@
     python -m t2r_fairseq.tools.convert TEACHER.pt OUT.pt --data DATA-BIN \\
         [--feature-map t2r] [--feature-size 32] [--cross-feature-size K] [--swap-encoder] \\
         [--softmax-cross-attention] [--sliding-window W] \\
-        [--calibrate-steps 300] [--calibrate-lr 1e-2] [--calibrate-batches 4] [--subset train] [--max-tokens 4096]
+        [--calibrate-steps 300] [--calibrate-lr 1e-2] [--calibrate-batches 4] [--subset train] [--max-tokens 4096] \\
+        [--device auto|cpu|cuda[:N]]
 
 The swap itself needs no tool (``fairseq-train --finetune-from-model teacher.pt``
 does it), but a fresh T2R map attends almost uniformly, and finetuning then
@@ -17,7 +18,9 @@ The output is a T2R checkpoint: ``fairseq-generate`` / ``fairseq-eval-lm`` use i
 as it is ("swap without finetuning"), and ``fairseq-train --finetune-from-model
 OUT.pt`` with the same ``--arch``/dimensions and T2R options finetunes it. The
 architecture comes from the teacher's own config; the tool prints the flags that
-describe it.
+describe it. Calibration runs on the GPU when one is visible (``--device auto``,
+the default): on a transformer-base teacher it is minutes on CPU cores and
+seconds on a GPU. The checkpoint is written with CPU tensors either way.
 """
 
 from __future__ import annotations
@@ -78,6 +81,23 @@ def t2r_model_config(model_cfg: Any, options: Dict[str, Any]) -> Any:
     return cfg
 
 
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> the first CUDA device when torch sees one, else the CPU; anything else must exist here."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConvertError(f"--device {device!r} is not a device; use auto, cpu or cuda[:N]") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConvertError(f"--device {device}: only cpu and cuda are supported; use auto, cpu or cuda[:N]")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConvertError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConvertError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return dev
+
+
 def load_batches(task: Any, model: torch.nn.Module, subset: str, max_tokens: int, count: int, seed: int) -> List[Dict]:
     """``count`` shuffled batches of ``subset`` (fairseq samples)."""
     task.load_dataset(subset)
@@ -91,9 +111,13 @@ def load_batches(task: Any, model: torch.nn.Module, subset: str, max_tokens: int
 
 def convert(
     teacher: str, out: str, data: str, options: Dict[str, Any], calibrate_steps: int = 300, calibrate_lr: float = 1e-2,
-    calibrate_batches: int = 4, subset: str = "train", max_tokens: int = 4096, seed: int = 1,
+    calibrate_batches: int = 4, subset: str = "train", max_tokens: int = 4096, seed: int = 1, device: str = "auto",
 ) -> List[LayerCalibration]:
-    """Write the swapped (and calibrated) T2R checkpoint ``out``; returns the per-layer calibration results."""
+    """Write the swapped (and calibrated) T2R checkpoint ``out``; returns the per-layer calibration results.
+
+    ``device`` is where calibration runs (``auto``: CUDA when visible); the written tensors are on the CPU.
+    """
+    dev = resolve_device(device)
     if calibrate_steps < 0 or calibrate_batches < 1 or not calibrate_lr > 0 or max_tokens < 1:
         raise ConvertError(
             "--calibrate-steps must be >= 0, --calibrate-batches and --max-tokens >= 1, --calibrate-lr > 0"
@@ -115,9 +139,11 @@ def convert(
     if calibrate_steps > 0:
         samples = load_batches(task, model, subset, max_tokens, calibrate_batches, seed)
         pad = task.target_dictionary.pad()
-        inputs = [s["net_input"] for s in samples]
+        inputs = [utils.apply_to_sample(lambda t: t.to(dev), s["net_input"]) for s in samples]
         qmasks = [ni.get("prev_output_tokens", ni["src_tokens"]).ne(pad) for ni in inputs]
+        model.to(dev)
         results = calibrate_feature_maps(model, inputs, qmasks, steps=calibrate_steps, lr=calibrate_lr)
+        model.cpu()
     state["model"] = model.state_dict()
     state["cfg"] = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     state.pop("last_optimizer_state", None)  # the teacher's optimizer state does not fit the new parameters
@@ -149,6 +175,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--subset", default="train", help="data split the calibration batches come from")
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--device", default="auto", help="where calibration runs: auto (CUDA when visible), cpu, cuda[:N]")
     a = ap.parse_args(argv)
     options: Dict[str, Any] = {"feature_map": a.feature_map, "feature_size": a.feature_size}
     if a.cross_feature_size is not None:
@@ -160,7 +187,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         options["sliding_window"] = a.sliding_window
     try:
         results = convert(a.teacher, a.out, a.data, options, a.calibrate_steps, a.calibrate_lr, a.calibrate_batches,
-                          a.subset, a.max_tokens, a.seed)
+                          a.subset, a.max_tokens, a.seed, a.device)
     except (ConvertError, ValueError, FileNotFoundError, CheckpointReadError) as e:
         sys.exit(f"convert: error: {e}")
     for r in results:
