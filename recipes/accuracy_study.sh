@@ -44,21 +44,16 @@ SEED=${SEED:-1} VOCAB=${VOCAB:-6000} VALID_EVERY=${VALID_EVERY:-100} PATIENCE=${
 TEACHER_MAX=${TEACHER_MAX:-4000}
 COMMON=(--optimizer adam --adam-betas "(0.9,0.98)" --clip-norm 1.0 --max-tokens 4096 "${DEV[@]}"
         --log-format simple --log-interval 25 --num-workers 0 --user-dir "$ROOT/t2r_fairseq" --no-epoch-checkpoints)
-LM_ARCH=(--task language_modeling --tokens-per-sample 256 --decoder-layers 4 --decoder-embed-dim 128
-         --decoder-ffn-embed-dim 512 --decoder-attention-heads 4 --share-decoder-input-output-embed --dropout 0.2)
-MT_ARCH=(--task translation -s en -t de --encoder-layers 3 --decoder-layers 3 --encoder-embed-dim 128
-         --decoder-embed-dim 128 --encoder-ffn-embed-dim 512 --decoder-ffn-embed-dim 512 --encoder-attention-heads 4
-         --decoder-attention-heads 4 --share-all-embeddings --dropout 0.2
+# --size: small = the 2-core study's models; base = transformer-base dimensions (a GPU's)
+if [[ $SIZE == base ]]; then LM_LAYERS=6 MT_LAYERS=6 DIM=512 FFN=2048 HEADS=8 DROPOUT=0.3
+else LM_LAYERS=4 MT_LAYERS=3 DIM=128 FFN=512 HEADS=4 DROPOUT=0.2; fi
+LM_ARCH=(--task language_modeling --tokens-per-sample 256 --decoder-layers $LM_LAYERS --decoder-embed-dim $DIM
+         --decoder-ffn-embed-dim $FFN --decoder-attention-heads $HEADS --share-decoder-input-output-embed --dropout $DROPOUT)
+MT_ARCH=(--task translation -s en -t de --encoder-layers $MT_LAYERS --decoder-layers $MT_LAYERS --encoder-embed-dim $DIM
+         --decoder-embed-dim $DIM --encoder-ffn-embed-dim $FFN --decoder-ffn-embed-dim $FFN --encoder-attention-heads $HEADS
+         --decoder-attention-heads $HEADS --share-all-embeddings --dropout $DROPOUT
          --criterion label_smoothed_cross_entropy --label-smoothing 0.1)
-if [[ $SIZE == base ]]; then
-  LM_ARCH=(--task language_modeling --tokens-per-sample 256 --decoder-layers 6 --decoder-embed-dim 512
-           --decoder-ffn-embed-dim 2048 --decoder-attention-heads 8 --share-decoder-input-output-embed --dropout 0.3)
-  MT_ARCH=(--task translation -s en -t de --encoder-layers 6 --decoder-layers 6 --encoder-embed-dim 512
-           --decoder-embed-dim 512 --encoder-ffn-embed-dim 2048 --decoder-ffn-embed-dim 2048 --encoder-attention-heads 8
-           --decoder-attention-heads 8 --share-all-embeddings --dropout 0.3
-           --criterion label_smoothed_cross_entropy --label-smoothing 0.1)
-fi
-# base: a post-norm 6+6 d=512 transformer diverges at the small model's 1.5e-3 (seen on Multi30k: loss stuck at 9)
+# base: a post-norm 6+6 d=512 transformer diverges at the small model's 1.5e-3 (seen on Multi30k: training loss 9.2 at update 568, where 5e-4 had 6.6)
 TEACHER_LR=${TEACHER_LR:-$([[ $SIZE == base ]] && echo 5e-4 || echo 1.5e-3)}
 TEACHER_WARMUP=${TEACHER_WARMUP:-$([[ $SIZE == base ]] && echo 1000 || echo 300)}
 TEACHER_OPT=(--lr "$TEACHER_LR" --lr-scheduler inverse_sqrt --warmup-updates "$TEACHER_WARMUP")
