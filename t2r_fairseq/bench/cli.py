@@ -35,6 +35,7 @@ from t2r_fairseq.bench.decode import bench_decode
 from t2r_fairseq.bench.measure import process_peak_rss_mib
 from t2r_fairseq.bench.report import summarise, write_report
 from t2r_fairseq.bench.train import bench_training
+from t2r_fairseq.devices import parse_device
 
 
 def _ints(s: str) -> List[int]:
@@ -112,14 +113,9 @@ def parser() -> argparse.ArgumentParser:
 def _check(ap: argparse.ArgumentParser, cfg: argparse.Namespace) -> None:
     """Refuse a configuration that cannot run, before anything is built."""
     try:
-        device = torch.device(cfg.device)
-    except RuntimeError:
-        ap.error(f"--device {cfg.device!r} is not a device; use cpu or cuda[:N]")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error(f"--device {cfg.device}: this torch ({torch.__version__}) sees no CUDA device; use --device cpu "
-                 "or install a CUDA build of torch into .venv (README, Install notes)")
-    if device.type not in ("cpu", "cuda"):
-        ap.error(f"--device {cfg.device}: only cpu and cuda are supported")
+        device = parse_device(cfg.device)
+    except ValueError as e:
+        ap.error(str(e))
     if device.type == "cpu" and cfg.dtype != "float32":
         ap.error(f"--dtype {cfg.dtype} is for CUDA; CPU runs are float32")
     if cfg.dim % cfg.heads:

@@ -19,8 +19,7 @@ as it is ("swap without finetuning"), and ``fairseq-train --finetune-from-model
 OUT.pt`` with the same ``--arch``/dimensions and T2R options finetunes it. The
 architecture comes from the teacher's own config; the tool prints the flags that
 describe it. Calibration runs on the GPU when one is visible (``--device auto``,
-the default): on a transformer-base teacher it is minutes on CPU cores and
-seconds on a GPU. The checkpoint is written with CPU tensors either way.
+the default); the checkpoint is written with CPU tensors either way.
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ from omegaconf import OmegaConf, open_dict
 
 import t2r_fairseq  # noqa: F401  (registers the models)
 from t2r_fairseq.checkpoint_errors import CheckpointReadError
+from t2r_fairseq.devices import parse_device
 from t2r_fairseq.calibration import LayerCalibration, calibrate_feature_maps
 from t2r_fairseq.swap import NEW_TENSOR_PATTERN
 from t2r_fairseq.tools.arch_flags import T2R_MODELS, architecture_flags
@@ -86,16 +86,9 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ConvertError(f"--device {device!r} is not a device; use auto, cpu or cuda[:N]") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ConvertError(f"--device {device}: only cpu and cuda are supported; use auto, cpu or cuda[:N]")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConvertError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device; use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ConvertError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    return dev
+        return parse_device(device)
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
 
 
 def load_batches(task: Any, model: torch.nn.Module, subset: str, max_tokens: int, count: int, seed: int) -> List[Dict]:
