@@ -8,7 +8,8 @@
 # --wikitext2 DIR  WikiText-2 valid.txt/test.txt (no train split: train/dev are cut from valid.txt by article,
 #                  see data-prep/wikitext2_split.py; test.txt is only ever used for the final numbers)
 # --stages         comma list of data,teacher,finetune,eval,report (default: all)
-# --rows           comma list of finetune rows (default: all; see ROWS below); ROW_s<N> reruns ROW with seed N
+# --rows           comma list of finetune rows (default: all; see ROWS below); ROW_s<N> reruns ROW with seed N,
+#                  ROW_ftlr<LR> with peak finetuning learning rate LR (default FT_LR=5e-4)
 # --tasks          lm,mt (default both)
 # --device         cpu (default) or cuda: training, calibration and evaluation on the GPU (fp32)
 # --size           small (default: the 2-core study, d=128) or base (6+6 / 6 layers, d=512, 8 heads, dropout 0.3:
@@ -122,6 +123,8 @@ row_args() {  # row kind -> CONVERT_ARGS, FT_ARGS, ROW_SEED; a trailing _s<N> re
   fi
   # _poly: lr decays linearly to 0 at the end of the budget (fairseq's polynomial_decay, as RoBERTa/BART finetuning)
   # instead of inverse_sqrt, which still runs at 1/sqrt(10) of its peak (the feature maps at 8x that) at the end.
+  # _ftlr<LR>: this row's peak finetuning learning rate instead of FT_LR (e.g. t2r_cal_lr8_poly_ftlr1e-3)
+  ROW_LR=$FT_LR; [[ $row =~ _ftlr([0-9.e-]+[0-9])(_|$) ]] && ROW_LR=${BASH_REMATCH[1]}
   SCHED=(--lr-scheduler inverse_sqrt)
   [[ $row == *_poly* ]] && SCHED=(--lr-scheduler polynomial_decay --total-num-update "$FT_UPDATES" --end-learning-rate 0)
   if [[ $row == selfonly_* ]]; then CONVERT_ARGS+=(--softmax-cross-attention); FT_ARGS+=(--softmax-cross-attention); fi
@@ -157,7 +160,7 @@ if has finetune "$STAGES"; then
       say "finetune $row ($kind, $FT_UPDATES updates): ${FT_ARGS[*]} -> $log"
       # shellcheck disable=SC2046
       fairseq-train "$OUT/data-bin/$kind" --arch $t2r_arch $(arch_args $kind) "${COMMON[@]}" --seed "$ROW_SEED" "${FT_ARGS[@]}" \
-        --finetune-from-model "$save/checkpoint_0.pt" --lr "$FT_LR" "${SCHED[@]}" \
+        --finetune-from-model "$save/checkpoint_0.pt" --lr "$ROW_LR" "${SCHED[@]}" \
         --warmup-updates $((FT_UPDATES / 10)) --max-update "$FT_UPDATES" --save-interval-updates "$FT_SAVE_EVERY" \
         --validate-interval-updates "$FT_SAVE_EVERY" --keep-interval-updates -1 --save-dir "$save" > "$log" 2>&1
     done

@@ -13,7 +13,7 @@
 # Finished stages are skipped (delete or --force to redo); everything lands under --out (default runs/quickstart).
 # Budgets: QS_TEACHER_UPDATES, QS_FINETUNE_UPDATES. Compared models: QS_MODELS (default "t2r t2r_paper elu t2r_scratch":
 # t2r = the recommended recipe (tools.convert: swap + feature maps calibrated to the teacher's attention, then
-# finetuning with --feature-map-lr-scale 8, the default), t2r_paper = the paper's (finetune straight from the
+# finetuning with --feature-map-lr-scale 8 and, for MT, the lr annealed to 0), t2r_paper = the paper's (finetune straight from the
 # teacher, --feature-map-lr-scale 1);
 # also available: rfa, performer, hedgehog (swap-finetune with that map), t2r_scratch_long (from scratch, teacher budget),
 # <map>_at_mse / <map>_at_ce (e.g. t2r_at_mse, hedgehog_at_ce: attention transfer with that loss for QS_TRANSFER_UPDATES
@@ -28,7 +28,7 @@ while [[ $# -gt 0 ]]; do
     --src) SRC=$2; shift 2;; --tgt) TGT=$2; shift 2;; --stages) STAGES=$2; shift 2;;
     --lm-splits) LM_SPLITS=$2; shift 2;; --mt-splits) MT_SPLITS=$2; shift 2;;
     --force) FORCE=1; shift;; --tiny) TINY=1; shift;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0;;
     *) echo "quickstart: unknown option $1 (see --help)" >&2; exit 2;;
   esac
 done
@@ -118,10 +118,11 @@ if has_stage finetune; then
       case $name in
         t2r_scratch) train "$name" "$kind" "$FINETUNE_UPDATES" $t2r_arch --feature-map t2r --feature-size $FEAT;;
         t2r_scratch_long) train "$name" "$kind" "$TEACHER_UPDATES" $t2r_arch --feature-map t2r --feature-size $FEAT;;
-        t2r)  # the recommended recipe
+        t2r)  # the recommended recipe (translation: the learning rate decays linearly to 0 at the last update)
           swapped=$(convert "$name" "$kind" t2r)
+          anneal=(); [[ $kind == mt ]] && anneal=(--lr-scheduler polynomial_decay --total-num-update "$FINETUNE_UPDATES" --end-learning-rate 0)
           train "$name" "$kind" "$FINETUNE_UPDATES" $t2r_arch --feature-map t2r --feature-size $FEAT \
-            --feature-map-lr-scale 8 --finetune-from-model "$swapped";;
+            --feature-map-lr-scale 8 --finetune-from-model "$swapped" "${anneal[@]}";;
         t2r_paper)
           train "$name" "$kind" "$FINETUNE_UPDATES" $t2r_arch --feature-map t2r --feature-size $FEAT \
             --feature-map-lr-scale 1 --finetune-from-model "$teacher";;

@@ -35,6 +35,9 @@ def test_quickstart_tiny(tmp_path):
     assert "calibration decoder.layers.0.encoder_attn: KL" in first.stderr
     for kind in ("lm", "mt"):  # fairseq logs the LM's dataclass config as a dict, the MT model's args as a Namespace
         assert re.search(r"feature_map_lr_scale'?(: |=)8\.0", (out / "train" / f"t2r.{kind}.log").read_text())
+    # translation: the recommended schedule anneals the learning rate to 0 at the last update; the paper's does not
+    assert "lr_scheduler='polynomial_decay'" in (out / "train" / "t2r.mt.log").read_text()
+    assert "lr_scheduler='inverse_sqrt'" in (out / "train" / "t2r_paper.mt.log").read_text()
     for r in rows.values():
         assert math.isfinite(r["lm_test_ppl"]) and r["lm_test_ppl"] > 1
         assert math.isfinite(r["mt_test_bleu"]) and 0 <= r["mt_test_bleu"] <= 100
