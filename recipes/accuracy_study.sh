@@ -15,9 +15,11 @@
 # --size           small (default: the 2-core study, d=128) or base (6+6 / 6 layers, d=512, 8 heads, dropout 0.3:
 #                  the same comparison at transformer-base size, for a GPU)
 # Teachers train until dev loss has not improved for $PATIENCE validations ($VALID_EVERY updates apart);
-# checkpoint_best.pt is the teacher. Each finetune row runs FT_UPDATES updates (default: 20% of the updates its
-# teacher's training ran, early stopping included; FT_UPDATES_LM / FT_UPDATES_MT override it per task)
-# and saves a checkpoint every eighth of it, so one run gives the whole curve.
+# checkpoint_best.pt is the teacher; TEACHER_HOURS > 0 also stops it cleanly (validated and saved) after that much
+# training time (fairseq's --stop-time-hours: a fixed GPU budget), its cost then being the updates it ran.
+# Each finetune row runs FT_UPDATES updates (default: 20% of the updates its teacher's training ran, early stopping
+# included; FT_UPDATES_LM / FT_UPDATES_MT override it per task) and saves a checkpoint every eighth of it, so one run
+# gives the whole curve.
 # Threads: OMP_NUM_THREADS (default 2). Everything lands under --out; finished steps are skipped.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -27,7 +29,7 @@ while [[ $# -gt 0 ]]; do
     --out) OUT=$2; shift 2;; --multi30k) M30K=$2; shift 2;; --wikitext2) WT2=$2; shift 2;;
     --stages) STAGES=$2; shift 2;; --rows) ROWS_ARG=$2; shift 2;; --tasks) TASKS=$2; shift 2;;
     --device) DEVICE=$2; shift 2;; --size) SIZE=$2; shift 2;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0;;
     *) echo "accuracy_study: unknown option $1 (see --help)" >&2; exit 2;;
   esac
 done
@@ -42,7 +44,7 @@ say() { echo "=== [study $(date +%H:%M:%S)] $*"; }
 
 # ---- fixed setup (see docs/RESULTS.md) -------------------------------------------------------------------
 SEED=${SEED:-1} VOCAB=${VOCAB:-6000} VALID_EVERY=${VALID_EVERY:-100} PATIENCE=${PATIENCE:-5}
-TEACHER_MAX=${TEACHER_MAX:-4000}
+TEACHER_MAX=${TEACHER_MAX:-4000} TEACHER_HOURS=${TEACHER_HOURS:-0}
 COMMON=(--optimizer adam --adam-betas "(0.9,0.98)" --clip-norm 1.0 --max-tokens 4096 "${DEV[@]}"
         --log-format simple --log-interval 25 --num-workers 0 --user-dir "$ROOT/t2r_fairseq" --no-epoch-checkpoints)
 # --size: small = the 2-core study's models; base = transformer-base dimensions (a GPU's)
@@ -94,7 +96,7 @@ if has teacher "$STAGES"; then
     # shellcheck disable=SC2046
     fairseq-train "$OUT/data-bin/$kind" --arch $arch $(arch_args $kind) "${COMMON[@]}" --seed "$SEED" "${TEACHER_OPT[@]}" \
       --max-update "$TEACHER_MAX" --validate-interval-updates "$VALID_EVERY" --save-interval-updates "$VALID_EVERY" \
-      --keep-interval-updates 1 --patience "$PATIENCE" --save-dir "$save" >> "$log" 2>&1   # rerun: resumes, log appended
+      --keep-interval-updates 1 --patience "$PATIENCE" --stop-time-hours "$TEACHER_HOURS" --save-dir "$save" >> "$log" 2>&1   # rerun: resumes, log appended
   done
 fi
 
@@ -114,6 +116,10 @@ row_args() {  # row kind -> CONVERT_ARGS, FT_ARGS, ROW_SEED; a trailing _s<N> re
   [[ $row == *_k64* ]] && feat=64
   CONVERT_ARGS=(--feature-map $map --feature-size $feat --calibrate-steps $cal)
   FT_ARGS=(--feature-map $map --feature-size $feat --feature-map-lr-scale $lrs)
+  # _xk<N> (MT): the encoder-decoder attention's own feature size N (where the all-linear gap is; self-attention keeps $feat)
+  if [[ $row =~ _xk([0-9]+)(_|$) && $kind == mt ]]; then
+    CONVERT_ARGS+=(--cross-feature-size "${BASH_REMATCH[1]}"); FT_ARGS+=(--cross-feature-size "${BASH_REMATCH[1]}")
+  fi
   # Joint losses from the softmax teacher: _atce adds attention transfer (attention CE, weight 1), _kd word-level
   # distillation (task loss = 0.5 label-smoothed CE + 0.5 KL(teacher || model)).
   if [[ $row == *_atce* || $row == *_kd* ]]; then
@@ -128,6 +134,10 @@ row_args() {  # row kind -> CONVERT_ARGS, FT_ARGS, ROW_SEED; a trailing _s<N> re
   SCHED=(--lr-scheduler inverse_sqrt)
   [[ $row == *_poly* ]] && SCHED=(--lr-scheduler polynomial_decay --total-num-update "$FT_UPDATES" --end-learning-rate 0)
   if [[ $row == selfonly_* ]]; then CONVERT_ARGS+=(--softmax-cross-attention); FT_ARGS+=(--softmax-cross-attention); fi
+  # softmax*: the control row: the teacher itself (no swap) finetuned with the same schedule, which measures what the
+  # finetuning budget alone adds to it (checkpoint_0.pt = the teacher)
+  ROW_ARCH=t2r_transformer; [[ $kind == lm ]] && ROW_ARCH=t2r_transformer_lm
+  if [[ $row == softmax* ]]; then ROW_ARCH=transformer; [[ $kind == lm ]] && ROW_ARCH=transformer_lm; FT_ARGS=(); fi
   if [[ $row == hybrid* ]]; then
     local w=${row%%_*}; w=${w#hybrid}; [[ $kind == lm ]] && w=$((w * 8))   # MT W=4 (sentences ~20 pieces), LM W=32 (256-token blocks)
     CONVERT_ARGS+=(--sliding-window $w); FT_ARGS+=(--sliding-window $w)
@@ -146,7 +156,6 @@ if has finetune "$STAGES"; then
     has $kind "$TASKS" || continue
     teacher=$OUT/checkpoints/teacher.$kind/checkpoint_best.pt
     [[ -e $teacher ]] || { echo "accuracy_study: no teacher $teacher (run the teacher stage)" >&2; exit 1; }
-    t2r_arch=t2r_transformer_lm; [[ $kind == mt ]] && t2r_arch=t2r_transformer
     FT_UPDATES=$(ft_updates $kind) FT_SAVE_EVERY=$(( $(ft_updates $kind) / 8 ))
     for row in $ROWS; do
       [[ $kind == lm && $row == selfonly_* ]] && continue
@@ -154,12 +163,14 @@ if has finetune "$STAGES"; then
       save=$OUT/checkpoints/$row.$kind log=$OUT/train/$row.$kind.log
       if grep -q "done training" "$log" 2>/dev/null; then say "finetune $row ($kind): done"; continue; fi
       mkdir -p "$save"
-      say "convert $row ($kind): ${CONVERT_ARGS[*]}"
-      python -m t2r_fairseq.tools.convert "$teacher" "$save/checkpoint_0.pt" --data "$OUT/data-bin/$kind" \
-        "${CONVERT_ARGS[@]}" --seed "$ROW_SEED" --device "$DEVICE" > "$OUT/train/$row.$kind.convert.log" 2>&1
+      if [[ $row == softmax* ]]; then cp "$teacher" "$save/checkpoint_0.pt"; else
+        say "convert $row ($kind): ${CONVERT_ARGS[*]}"
+        python -m t2r_fairseq.tools.convert "$teacher" "$save/checkpoint_0.pt" --data "$OUT/data-bin/$kind" \
+          "${CONVERT_ARGS[@]}" --seed "$ROW_SEED" --device "$DEVICE" > "$OUT/train/$row.$kind.convert.log" 2>&1
+      fi
       say "finetune $row ($kind, $FT_UPDATES updates): ${FT_ARGS[*]} -> $log"
       # shellcheck disable=SC2046
-      fairseq-train "$OUT/data-bin/$kind" --arch $t2r_arch $(arch_args $kind) "${COMMON[@]}" --seed "$ROW_SEED" "${FT_ARGS[@]}" \
+      fairseq-train "$OUT/data-bin/$kind" --arch $ROW_ARCH $(arch_args $kind) "${COMMON[@]}" --seed "$ROW_SEED" ${FT_ARGS[@]+"${FT_ARGS[@]}"} \
         --finetune-from-model "$save/checkpoint_0.pt" --lr "$ROW_LR" "${SCHED[@]}" \
         --warmup-updates $((FT_UPDATES / 10)) --max-update "$FT_UPDATES" --save-interval-updates "$FT_SAVE_EVERY" \
         --validate-interval-updates "$FT_SAVE_EVERY" --keep-interval-updates -1 --save-dir "$save" > "$log" 2>&1
