@@ -84,6 +84,7 @@ if has data "$STAGES"; then
 fi
 
 arch_args() { if [[ $1 == lm ]]; then echo "${LM_ARCH[@]}"; else echo "${MT_ARCH[@]}"; fi; }
+teacher_arch() { if [[ $1 == lm ]]; then echo transformer_lm; else echo transformer; fi; }  # the T2R arch: t2r_ + this
 
 # ---- teachers ----------------------------------------------------------------------------------------------
 if has teacher "$STAGES"; then
@@ -91,7 +92,7 @@ if has teacher "$STAGES"; then
     has $kind "$TASKS" || continue
     save=$OUT/checkpoints/teacher.$kind log=$OUT/train/teacher.$kind.log
     if grep -q "done training" "$log" 2>/dev/null; then say "teacher $kind: done"; continue; fi
-    mkdir -p "$OUT/train"; arch=transformer_lm; [[ $kind == mt ]] && arch=transformer
+    mkdir -p "$OUT/train"; arch=$(teacher_arch $kind)
     say "teacher $kind -> $log"
     # shellcheck disable=SC2046
     fairseq-train "$OUT/data-bin/$kind" --arch $arch $(arch_args $kind) "${COMMON[@]}" --seed "$SEED" "${TEACHER_OPT[@]}" \
@@ -136,8 +137,8 @@ row_args() {  # row kind -> CONVERT_ARGS, FT_ARGS, ROW_SEED; a trailing _s<N> re
   if [[ $row == selfonly_* ]]; then CONVERT_ARGS+=(--softmax-cross-attention); FT_ARGS+=(--softmax-cross-attention); fi
   # softmax*: the control row: the teacher itself (no swap) finetuned with the same schedule, which measures what the
   # finetuning budget alone adds to it (checkpoint_0.pt = the teacher)
-  ROW_ARCH=t2r_transformer; [[ $kind == lm ]] && ROW_ARCH=t2r_transformer_lm
-  if [[ $row == softmax* ]]; then ROW_ARCH=transformer; [[ $kind == lm ]] && ROW_ARCH=transformer_lm; FT_ARGS=(); fi
+  ROW_ARCH=t2r_$(teacher_arch $kind)
+  if [[ $row == softmax* ]]; then ROW_ARCH=$(teacher_arch $kind); FT_ARGS=(); fi
   if [[ $row == hybrid* ]]; then
     local w=${row%%_*}; w=${w#hybrid}; [[ $kind == lm ]] && w=$((w * 8))   # MT W=4 (sentences ~20 pieces), LM W=32 (256-token blocks)
     CONVERT_ARGS+=(--sliding-window $w); FT_ARGS+=(--sliding-window $w)
@@ -170,7 +171,7 @@ if has finetune "$STAGES"; then
       fi
       say "finetune $row ($kind, $FT_UPDATES updates): ${FT_ARGS[*]} -> $log"
       # shellcheck disable=SC2046
-      fairseq-train "$OUT/data-bin/$kind" --arch $ROW_ARCH $(arch_args $kind) "${COMMON[@]}" --seed "$ROW_SEED" ${FT_ARGS[@]+"${FT_ARGS[@]}"} \
+      fairseq-train "$OUT/data-bin/$kind" --arch $ROW_ARCH $(arch_args $kind) "${COMMON[@]}" --seed "$ROW_SEED" "${FT_ARGS[@]}" \
         --finetune-from-model "$save/checkpoint_0.pt" --lr "$ROW_LR" "${SCHED[@]}" \
         --warmup-updates $((FT_UPDATES / 10)) --max-update "$FT_UPDATES" --save-interval-updates "$FT_SAVE_EVERY" \
         --validate-interval-updates "$FT_SAVE_EVERY" --keep-interval-updates -1 --save-dir "$save" > "$log" 2>&1
