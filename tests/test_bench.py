@@ -68,6 +68,7 @@ def test_generation_time_integrates_the_step_time_over_the_context():
         (["--contexts", "64,x"], "comma-separated integers"),
         (["--tasks", "lm,asr"], "lm and/or mt"),
         (["--dim", "30", "--heads", "4"], "divisible"),
+        (["--cross-feature-size", "-1"], "--cross-feature-size >= 0"),
     ],
 )
 def test_bench_refuses_bad_configuration_before_running(tmp_path, capsys, argv, message):
@@ -91,3 +92,18 @@ def test_bench_topk_decode_rows_keep_a_kv_cache(tmp_path):
             assert rows[(task, "topk_k4", 1, ctx)]["median_ms"] > 0
     with pytest.raises(SystemExit):
         bench.main(["--tiny", "--out", str(tmp_path), "--topk-decode-k", "-1"])
+
+
+def test_bench_cross_feature_size_rows_time_the_larger_cross_attention_map(tmp_path):
+    res = bench.main(["--tiny", "--out", str(tmp_path), "--threads", "1", "--skip", "train", "--cross-feature-size", "16"])
+    rows = {(r["task"], r["model"], r["batch"], r["context"]): r for r in res["decode"]}
+    assert {k for k in rows if k[1] == "t2r_xk16"} == {("mt", "t2r_xk16", b, c) for b in (1, 2) for c in (8, 32)}
+    # Only the cross-attention's (S, z) grows: per layer and head, 16 - 8 more features of (head dim + 1) fp32 values.
+    layers, heads, head_dim = 2, 4, 8
+    for b in (1, 2):
+        extra = rows[("mt", "t2r_xk16", b, 32)]["state_bytes"] - rows[("mt", "t2r", b, 32)]["state_bytes"]
+        assert extra == b * layers * heads * (16 - 8) * (head_dim + 1) * 4
+        assert rows[("mt", "t2r_xk16", b, 32)]["state_bytes"] == rows[("mt", "t2r_xk16", b, 8)]["state_bytes"]
+    summary = res["summary"]
+    assert summary["mt_b1_t2r_xk16_step_over_t2r_ctx32"] > 0 and "mt_b2_t2r_xk16_step_speedup_vs_softmax_ctx8" in summary
+    assert "| mt | t2r_xk16 | 1 | 8 | 8 |" in (tmp_path / "results.md").read_text()

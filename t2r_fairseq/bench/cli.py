@@ -12,7 +12,9 @@
 3. training: forward + backward of the attention core vs sequence length for
    chunkwise linear attention, SDPA softmax and the naive quadratic form (plus
    fla's kernel where installed on CUDA), and a chunk-size sweep;
-4. with ``--sliding-window W``: the hybrid (softmax over the last W positions
+4. with ``--cross-feature-size K`` (MT): T2R with a K-feature cross-attention
+   map beside T2R (decode rows ``t2r_xkK``);
+5. with ``--sliding-window W``: the hybrid (softmax over the last W positions
    + linear attention over the rest) beside T2R in the decode and training
    tables (model ``t2r_hybrid_wW``, variant ``hybrid_wW``).
 
@@ -82,6 +84,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--heads", type=int, default=8)
     g.add_argument("--vocab", type=int, default=32000)
     g.add_argument("--feature-size", type=int, default=32)
+    g.add_argument("--cross-feature-size", type=int, default=0, metavar="K",
+                   help="MT: also time T2R whose encoder-decoder attention has K features per head (the model's "
+                        "--cross-feature-size; rows t2r_xkK beside t2r); 0: no such rows")
     g.add_argument("--sliding-window", type=int, default=0, metavar="W",
                    help="also time the hybrid sliding-window attention with a W-token window (decode rows "
                         "t2r_hybrid_wW, training rows hybrid_wW); 0: no hybrid rows")
@@ -122,6 +127,9 @@ def _check(ap: argparse.ArgumentParser, cfg: argparse.Namespace) -> None:
         ap.error(f"--dim {cfg.dim} must be divisible by --heads {cfg.heads}")
     if cfg.sliding_window < 0:
         ap.error(f"--sliding-window must be >= 0 (0: no hybrid rows), got {cfg.sliding_window}")
+    if cfg.feature_size < 1 or cfg.cross_feature_size < 0:
+        ap.error(f"--feature-size must be >= 1 and --cross-feature-size >= 0 (0: no such rows), got "
+                 f"{cfg.feature_size} and {cfg.cross_feature_size}")
     if cfg.topk_decode_k < 0:
         ap.error(f"--topk-decode-k must be >= 0 (0: no top-k decode rows), got {cfg.topk_decode_k}")
     if cfg.repeats < 1 or cfg.warmup < 0:

@@ -12,6 +12,10 @@ Three models of the same size, built through fairseq's own argument parsing
   path switched off (``fast_generation = False``): separate q/k/v and per-head
   feature-map matmuls, and an out-of-place ``(S, z)`` update — the before/after
   of both optimisations in one run;
+* ``t2r_xk`` (MT, with ``--cross-feature-size K``, rows named ``t2r_xkK``): T2R
+  whose encoder-decoder attention has its own feature size K (self-attention
+  keeps ``--feature-size``): what a larger cross-attention map costs per step
+  and in the cached source summary, beside ``t2r`` in the same run;
 * ``t2r_hybrid`` (with ``--sliding-window W``, rows named ``t2r_hybrid_wW``):
   T2R whose decoder self-attention is the sliding-window hybrid; its state is a
   ``W``-token KV ring buffer plus ``(S, z)`` (cross-attention as T2R);
@@ -38,7 +42,7 @@ from torch import Tensor, nn
 
 from t2r_fairseq.bench.measure import peak_memory_mib, reset_peak_memory, timeit
 
-KINDS = ("no_attention", "t2r", "t2r_unfused", "t2r_hybrid", "topk", "softmax")
+KINDS = ("no_attention", "t2r", "t2r_xk", "t2r_unfused", "t2r_hybrid", "topk", "softmax")
 KV_CACHE_KINDS = ("topk", "softmax")  # state grows with the prefix: timed last (see bench_decode)
 
 
@@ -46,6 +50,8 @@ def model_label(kind: str, cfg: argparse.Namespace) -> str:
     """The row's model name: the kind, with the window spelled out for the hybrid."""
     if kind == "topk":
         return f"topk_k{cfg.topk_decode_k}"
+    if kind == "t2r_xk":
+        return f"t2r_xk{cfg.cross_feature_size}"
     return f"t2r_hybrid_w{cfg.sliding_window}" if kind == "t2r_hybrid" else kind
 
 
@@ -113,6 +119,8 @@ def build_model(task: str, kind: str, cfg: argparse.Namespace, max_positions: in
             "--max-target-positions", str(max_positions), "--share-decoder-input-output-embed", "--cpu"]
     if linear:
         argv += ["--feature-size", str(cfg.feature_size)]
+    if kind == "t2r_xk":
+        argv += ["--cross-feature-size", str(cfg.cross_feature_size)]
     if kind == "t2r_hybrid":
         argv += ["--sliding-window", str(cfg.sliding_window)]
     if kind == "topk":
@@ -223,10 +231,10 @@ def bench_decode(cfg: argparse.Namespace) -> List[dict]:
     are compared with the bound (T2R, the bound itself) run first.
     """
     rows: List[dict] = []
-    optional = {"t2r_unfused": cfg.compare_unfused, "t2r_hybrid": getattr(cfg, "sliding_window", 0) > 0,
+    optional = {"t2r_unfused": cfg.compare_unfused, "t2r_xk": getattr(cfg, "cross_feature_size", 0) > 0, "t2r_hybrid": getattr(cfg, "sliding_window", 0) > 0,
                 "topk": getattr(cfg, "topk_decode_k", 0) > 0}
     kinds = [k for k in KINDS if optional.get(k, True)]
-    order = [(t, k) for k in kinds if k not in KV_CACHE_KINDS for t in cfg.tasks]
+    order = [(t, k) for k in kinds if k not in KV_CACHE_KINDS for t in cfg.tasks if (k, t) != ("t2r_xk", "lm")]
     order += [(t, k) for k in kinds if k in KV_CACHE_KINDS for t in cfg.tasks]
     for task, kind in order:
         rows += bench_decode_model(task, kind, cfg)

@@ -63,6 +63,12 @@ def summarise(decode: List[dict], train: List[dict], cfg) -> Dict[str, float]:  
             hybrid = f"t2r_hybrid_w{getattr(cfg, 'sliding_window', 0)}"
             if ms(hybrid, mid):
                 out[f"{p}_{hybrid}_step_over_t2r_ctx{mid}"] = ms(hybrid, mid) / t2r_mid
+            xk = f"t2r_xk{getattr(cfg, 'cross_feature_size', 0)}"
+            for ctx in cfg.contexts:  # what the larger cross-attention map costs per step, at each length
+                if ms(xk, ctx) and ms("t2r", ctx):
+                    out[f"{p}_{xk}_step_over_t2r_ctx{ctx}"] = ms(xk, ctx) / ms("t2r", ctx)
+                if ms(xk, ctx) and ms("softmax", ctx):
+                    out[f"{p}_{xk}_step_speedup_vs_softmax_ctx{ctx}"] = ms("softmax", ctx) / ms(xk, ctx)
             kv = _pick(decode, task=task, model="softmax", batch=b, context=mid)
             rnn = _pick(decode, task=task, model="t2r", batch=b, context=mid)
             out[f"{p}_kv_cache_over_t2r_state_ctx{mid}"] = kv["state_bytes"] / max(rnn["state_bytes"], 1)
@@ -120,6 +126,7 @@ def _plots(res: dict, out: Path) -> None:
     panels = [("decode", t) for t in tasks] + [("state", None)] * bool(tasks) + [("train", None)] * bool(res["train"])
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
     styles = {"softmax": "C0", "t2r": "C1", "no_attention": "C2", "t2r_unfused": "C3"}  # colour per model, line style per batch
+    styles.update({m: "C5" for m in {r["model"] for r in res["decode"]} if m.startswith("t2r_xk")})
     styles.update({m: "C4" for m in {r["model"] for r in res["decode"]} if m.startswith("t2r_hybrid")})
     for ax, (panel, task) in zip(axes[0], panels):
         if panel == "decode":
@@ -132,7 +139,7 @@ def _plots(res: dict, out: Path) -> None:
             ax.set(xscale="log", yscale="log", xlabel="context length", ylabel="ms per decode step",
                    title=f"Decode step time ({task.upper()})")
         elif panel == "state":
-            for model in ["softmax", "t2r"] + sorted(m for m in styles if m.startswith("t2r_hybrid")):
+            for model in ["softmax", "t2r"] + sorted(m for m in styles if m.startswith(("t2r_hybrid", "t2r_xk"))):
                 for task_, dash in zip(tasks, ["-", "--"]):
                     pts = [(r["context"], r["state_bytes"] / 2**20) for r in res["decode"]
                            if r["task"] == task_ and r["model"] == model and r["batch"] == min(res["config"]["batches"])]
