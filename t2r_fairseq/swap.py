@@ -159,10 +159,6 @@ def feature_map_mismatch_message(mismatches: List[Tuple[str, FeatureMapSpec, Fea
         for flag, value in zip(wanted[::2], wanted[1::2]):
             if flag not in flags[::2]:
                 flags += [flag, value]
-    pairs = dict(zip(flags[::2], flags[1::2]))
-    if pairs.get("--cross-feature-size") is not None and pairs.get("--cross-feature-size") == pairs.get("--feature-size"):
-        i = flags.index("--cross-feature-size")  # the cross-attention's size defaults to --feature-size
-        del flags[i : i + 2]
     fix = (f"build it with {' '.join(flags)}" if flags
            else f"build it with the flags that python -m t2r_fairseq.tools.arch_flags {CHECKPOINT} prints")
     message = (

@@ -174,8 +174,8 @@ def test_a_different_map_is_refused_naming_both_sides(tmp_path, ckpt_flags, mode
 
 def test_cross_attention_map_size_names_its_own_flag(tmp_path):
     _, _, a = build_mt(tmp_path / "a", extra=[*K8, "--cross-feature-size", "4"])
-    _, _, b = build_mt(tmp_path / "b", extra=K8)
-    with pytest.raises(SwapError, match=r"are t2r \(k=4\) but this model builds t2r \(k=8\) "
+    _, _, b = build_mt(tmp_path / "b", extra=K8)  # the cross-attention's own default size: 128, not --feature-size
+    with pytest.raises(SwapError, match=r"are t2r \(k=4\) but this model builds t2r \(k=128\) "
                                          r"\(decoder\.layers\.\*\.encoder_attn\.feature_map x2\): build it with "
                                          r"--cross-feature-size 4, or pass --reset-feature-maps"):
         b.load_state_dict(a.state_dict())
@@ -327,7 +327,8 @@ def test_mismatch_message_lists_every_flag_once():
         ("decoder.layers.0.self_attn.feature_map", FeatureMapSpec(t2r, 8, 4, 8), FeatureMapSpec(hh, 8, 4, 8)),
         ("decoder.layers.0.encoder_attn.feature_map", FeatureMapSpec(t2r, 8, 4, 8), FeatureMapSpec(hh, 8, 4, 8)),
     ])
-    assert "build it with --feature-map t2r --feature-size 8, or pass" in same  # the cross size defaults to it
+    # the cross-attention's size has its own default (128), so an equal size is still spelled out
+    assert "build it with --feature-map t2r --feature-size 8 --cross-feature-size 8, or pass" in same
 
 
 # -- through the CLIs and the hub: the last line names cause and fix -----------------------------------

@@ -326,3 +326,29 @@ def test_generation_updates_state_in_place_and_skips_identity_reorders(tmp_path)
     kept = {k: v["S"] for k, v in grad_state.items()}
     model.decoder(tokens[:, :3], incremental_state=grad_state)
     assert all(grad_state[k]["S"] is not kept[k] for k in kept)
+
+
+def test_translation_cross_attention_has_its_own_default_size_and_older_configs_keep_theirs(tmp_path):
+    """The encoder-decoder attention's map defaults to 128 features (self-attention: --feature-size) from the command
+    line and from a config built in Python; a config that stores ``cross_feature_size=None`` (T2R checkpoints
+    written before that default) still builds --feature-size features there, and its flags say so."""
+    from argparse import Namespace
+
+    from t2r_fairseq.models.t2r_transformer import T2RTransformerModel
+    from t2r_fairseq.tools.arch_flags import architecture_flags
+
+    def sizes(model):
+        layer = model.decoder.layers[0]
+        return layer.self_attn.feature_map.output_dim, layer.encoder_attn.feature_map.output_dim
+
+    args, task, model = build_mt(tmp_path, extra=["--feature-size", "8"])
+    assert args.cross_feature_size == 128 and sizes(model) == (8, 128)
+    assert "--cross-feature-size" not in architecture_flags(args)
+    in_python = Namespace(**{k: v for k, v in vars(args).items() if k != "cross_feature_size"})
+    assert sizes(T2RTransformerModel.build_model(in_python, task)) == (8, 128)
+    older = Namespace(**{**vars(args), "cross_feature_size": None})
+    assert sizes(T2RTransformerModel.build_model(older, task)) == (8, 8)
+    flags = architecture_flags(older)
+    assert flags[flags.index("--cross-feature-size") + 1] == "8" and older.cross_feature_size is None
+    _, _, small = build_mt(tmp_path, extra=["--feature-size", "8", "--cross-feature-size", "8"])
+    assert sizes(small) == (8, 8)

@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.utils import safe_getattr
+from omegaconf import DictConfig, open_dict
 
 from t2r_fairseq.modules.feature_maps import FEATURE_MAPS
 from t2r_fairseq.modules.linear_multihead_attention import LinearAttentionOptions
@@ -22,6 +23,10 @@ FEATURE_MAP_CHOICES = ChoiceEnum(sorted(FEATURE_MAPS))
 TRAINABLE_CHOICES = ChoiceEnum(["all", "attention"])
 KERNEL_CHOICES = ChoiceEnum(list(BACKENDS))
 DEFAULT_FEATURE_MAP_LR_SCALE = 8.0
+# Translation: the encoder-decoder attention's own feature size. The swapped cross-attention is where an all-linear
+# decoder loses to its teacher; 128 features ended closer to it than 32 (the paper's k) on every seed of
+# docs/RESULTS.md's study, for a cached source summary still constant in the target length.
+DEFAULT_CROSS_FEATURE_SIZE = 128
 
 
 @dataclass
@@ -139,7 +144,7 @@ def validate_t2r_options(args: Any) -> None:
     cross = safe_getattr(args, "cross_feature_size", None)
     if cross is not None and uses_size:
         _check_int("--cross-feature-size", cross, 1, "features per head of the encoder-decoder attention's map; "
-                   "omit it to use --feature-size")
+                   f"default {DEFAULT_CROSS_FEATURE_SIZE}")
     _check_int("--linear-chunk-size", _option(args, "linear_chunk_size", DEFAULT_CHUNK_SIZE), 1,
                "tokens per chunk of the chunkwise causal attention")
     _check_positive_float("--linear-eps", _option(args, "linear_eps", DEFAULT_EPS),
@@ -151,6 +156,21 @@ def validate_t2r_options(args: Any) -> None:
     _check_choice("--linear-kernel", _option(args, "linear_kernel", "auto"), list(BACKENDS))
     _check_choice("--trainable", _option(args, "trainable", "all"), ["all", "attention"])
     sliding_window_option(args)
+
+
+def translation_defaults(args: Any) -> None:
+    """Fill ``--cross-feature-size`` where ``args`` lacks the field (a config built in Python, a public
+    checkpoint's args being swapped), as the command line's default does.
+
+    A config that has the field keeps its value, ``None`` included: T2R checkpoints written before the default
+    was 128 store ``None`` (= ``--feature-size``) and must rebuild the maps they were trained with.
+    """
+    if isinstance(args, DictConfig):
+        if "cross_feature_size" not in args:
+            with open_dict(args):
+                args.cross_feature_size = DEFAULT_CROSS_FEATURE_SIZE
+    elif not hasattr(args, "cross_feature_size"):
+        args.cross_feature_size = DEFAULT_CROSS_FEATURE_SIZE
 
 
 def sliding_window_option(args: Any) -> int:
@@ -184,8 +204,10 @@ def attention_options(args: Any, cross: bool = False) -> LinearAttentionOptions:
 @dataclass
 class T2RTranslationConfig(T2RConfig):
     cross_feature_size: Optional[int] = field(
-        default=None,
-        metadata={"help": "feature size of the encoder-decoder attention's own feature map (default: --feature-size)"},
+        default=DEFAULT_CROSS_FEATURE_SIZE,
+        metadata={"help": "feature size of the encoder-decoder attention's own feature map (the paper: = "
+                  "--feature-size, 32); larger keeps more of a teacher's cross-attention, for a larger cached "
+                  "source summary and per-step cost (docs/RESULTS.md, docs/BENCHMARKS.md)"},
     )
     swap_encoder: bool = field(
         default=False,

@@ -16,7 +16,7 @@ from fairseq.models.transformer import (
     transformer_wmt_en_de_big,
 )
 
-from t2r_fairseq.models.config import T2RTranslationConfig, validate_t2r_options
+from t2r_fairseq.models.config import T2RTranslationConfig, translation_defaults, validate_t2r_options
 from t2r_fairseq.models.layers import T2RTransformerDecoder, T2RTransformerEncoder
 from t2r_fairseq.models.trainable import apply_trainable
 from t2r_fairseq.swap import SwapLoadMixin
@@ -36,6 +36,7 @@ class T2RTransformerModel(SwapLoadMixin, TransformerModel):
 
     @classmethod
     def build_model(cls, args: Any, task: Any) -> "T2RTransformerModel":
+        translation_defaults(args)  # a config built in Python, without fairseq's parser or an arch function
         validate_t2r_options(args)  # one line naming a bad option, before anything is built, trained or written
         model = super().build_model(args, task)
         # With --trainable attention a softmax encoder has no swapped attention and
@@ -59,28 +60,34 @@ class T2RTransformerModel(SwapLoadMixin, TransformerModel):
 @register_model_architecture("t2r_transformer", "t2r_transformer")
 def t2r_transformer(args: Any) -> None:
     base_architecture(args)
+    translation_defaults(args)
 
 
 @register_model_architecture("t2r_transformer", "t2r_transformer_iwslt_de_en")
 def t2r_transformer_iwslt_de_en(args: Any) -> None:
     transformer_iwslt_de_en(args)
+    translation_defaults(args)
 
 
 @register_model_architecture("t2r_transformer", "t2r_transformer_wmt_en_de")
 def t2r_transformer_wmt_en_de(args: Any) -> None:
     transformer_wmt_en_de(args)
+    translation_defaults(args)
 
 
 @register_model_architecture("t2r_transformer", "t2r_transformer_wmt_en_de_big")
 def t2r_transformer_wmt_en_de_big(args: Any) -> None:
     transformer_wmt_en_de_big(args)
+    translation_defaults(args)
 
 
 @register_model_architecture("t2r_transformer", "t2r_transformer_vaswani_wmt_en_de_big")
 def t2r_transformer_vaswani_wmt_en_de_big(args: Any) -> None:
     transformer_vaswani_wmt_en_de_big(args)
+    translation_defaults(args)
 
 
 @register_model_architecture("t2r_transformer", "t2r_transformer_vaswani_wmt_en_fr_big")
 def t2r_transformer_vaswani_wmt_en_fr_big(args: Any) -> None:
     transformer_vaswani_wmt_en_fr_big(args)
+    translation_defaults(args)

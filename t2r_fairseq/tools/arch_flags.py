@@ -62,7 +62,7 @@ def accepted_options(arch: str) -> set:
 def architecture_flags(model_cfg: Any) -> List[str]:
     """``fairseq-train`` flags that rebuild ``model_cfg``'s T2R model: ``--arch`` and every architecture field
     that differs from that preset's default (so a public checkpoint's shape need not be read by hand)."""
-    values = vars(model_cfg) if isinstance(model_cfg, Namespace) else OmegaConf.to_container(model_cfg, resolve=True)
+    values = dict(vars(model_cfg)) if isinstance(model_cfg, Namespace) else OmegaConf.to_container(model_cfg, resolve=True)
     name = str(values.get("_name") or values.get("arch"))
     base_model = ARCH_MODEL_NAME_REGISTRY.get(name, name)
     model = T2R_MODELS.get(base_model, base_model)
@@ -81,6 +81,9 @@ def architecture_flags(model_cfg: Any) -> List[str]:
         for key in ARCHITECTURE_KEYS:
             if not hasattr(defaults, key) and hasattr(dc, key):
                 setattr(defaults, key, getattr(dc, key))
+    if "cross_feature_size" in values and values["cross_feature_size"] is None:
+        # A translation checkpoint from before the cross-attention had its own default: None meant --feature-size.
+        values["cross_feature_size"] = values.get("feature_size")
     flags = ["--arch", arch]
     for key in ARCHITECTURE_KEYS:
         if key not in accepted_options(arch) or key not in values or values[key] is None or values[key] == getattr(defaults, key, None):
