@@ -117,9 +117,12 @@ row_args() {  # row kind -> CONVERT_ARGS, FT_ARGS, ROW_SEED; a trailing _s<N> re
   [[ $row == *_k64* ]] && feat=64
   CONVERT_ARGS=(--feature-map $map --feature-size $feat --calibrate-steps $cal)
   FT_ARGS=(--feature-map $map --feature-size $feat --feature-map-lr-scale $lrs)
-  # _xk<N> (MT): the encoder-decoder attention's own feature size N (where the all-linear gap is; self-attention keeps $feat)
-  if [[ $row =~ _xk([0-9]+)(_|$) && $kind == mt ]]; then
-    CONVERT_ARGS+=(--cross-feature-size "${BASH_REMATCH[1]}"); FT_ARGS+=(--cross-feature-size "${BASH_REMATCH[1]}")
+  # _xk<N> (MT): the encoder-decoder attention's own feature size N (where the all-linear gap is; self-attention keeps
+  # $feat). Without it a row's cross-attention has $feat features, as the study measured the rows (spelled out: the
+  # plugin's own default for it is 128, what _xk128 measured).
+  if [[ $kind == mt ]]; then
+    local xk=$feat; [[ $row =~ _xk([0-9]+)(_|$) ]] && xk=${BASH_REMATCH[1]}
+    CONVERT_ARGS+=(--cross-feature-size "$xk"); FT_ARGS+=(--cross-feature-size "$xk")
   fi
   # Joint losses from the softmax teacher: _atce adds attention transfer (attention CE, weight 1), _kd word-level
   # distillation (task loss = 0.5 label-smoothed CE + 0.5 KL(teacher || model)).

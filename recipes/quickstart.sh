@@ -13,8 +13,8 @@
 # Finished stages are skipped (delete or --force to redo); everything lands under --out (default runs/quickstart).
 # Budgets: QS_TEACHER_UPDATES, QS_FINETUNE_UPDATES. Compared models: QS_MODELS (default "t2r t2r_paper elu t2r_scratch":
 # t2r = the recommended recipe (tools.convert: swap + feature maps calibrated to the teacher's attention, then
-# finetuning with --feature-map-lr-scale 8 and, for MT, the lr annealed to 0), t2r_paper = the paper's (finetune straight from the
-# teacher, --feature-map-lr-scale 1);
+# finetuning with --feature-map-lr-scale 8 and, for MT, 128 cross-attention features and the lr annealed to 0),
+# t2r_paper = the paper's (finetune straight from the teacher, --feature-map-lr-scale 1, MT cross-attention k = 32);
 # also available: rfa, performer, hedgehog (swap-finetune with that map), t2r_scratch_long (from scratch, teacher budget),
 # <map>_at_mse / <map>_at_ce (e.g. t2r_at_mse, hedgehog_at_ce: attention transfer with that loss for QS_TRANSFER_UPDATES
 # (default a third of the finetune budget), then the task loss + QS_TRANSFER_WEIGHT (default 0) x transfer; same total updates)).
@@ -113,6 +113,8 @@ fi
 if has_stage finetune; then
   for kind in lm mt; do
     t2r_arch=t2r_transformer_lm; [[ $kind == mt ]] && t2r_arch=t2r_transformer
+    # the paper's cross-attention map has --feature-size features; the recommended recipe and the plugin's default, 128
+    paper_k=(); [[ $kind == mt ]] && paper_k=(--cross-feature-size $FEAT)
     teacher="$OUT/checkpoints/teacher.$kind/checkpoint_last.pt"
     for name in $MODELS; do
       case $name in
@@ -124,15 +126,16 @@ if has_stage finetune; then
           train "$name" "$kind" "$FINETUNE_UPDATES" $t2r_arch --feature-map t2r --feature-size $FEAT \
             --feature-map-lr-scale 8 --finetune-from-model "$swapped" "${anneal[@]}";;
         t2r_paper)
-          train "$name" "$kind" "$FINETUNE_UPDATES" $t2r_arch --feature-map t2r --feature-size $FEAT \
+          train "$name" "$kind" "$FINETUNE_UPDATES" $t2r_arch --feature-map t2r --feature-size $FEAT "${paper_k[@]}" \
             --feature-map-lr-scale 1 --finetune-from-model "$teacher";;
-        elu|rfa|performer|hedgehog)
-          train "$name" "$kind" "$FINETUNE_UPDATES" $t2r_arch --feature-map "$name" --feature-size $FEAT --finetune-from-model "$teacher";;
+        elu|rfa|performer|hedgehog)  # swap-then-finetune as the paper, with that map
+          train "$name" "$kind" "$FINETUNE_UPDATES" $t2r_arch --feature-map "$name" --feature-size $FEAT "${paper_k[@]}" \
+            --finetune-from-model "$teacher";;
         *_at_mse|*_at_ce)  # <map>_at_<loss>: attention transfer, then task finetuning, same total updates
           loss=output_mse; [[ $name == *_ce ]] && loss=attention_ce
           smoothing=0; [[ $kind == mt ]] && smoothing=0.1
           train "$name" "$kind" "$FINETUNE_UPDATES" $t2r_arch --feature-map "${name%_at_*}" --feature-size $FEAT \
-            --finetune-from-model "$teacher" --criterion t2r_attention_transfer --transfer-loss $loss \
+            "${paper_k[@]}" --finetune-from-model "$teacher" --criterion t2r_attention_transfer --transfer-loss $loss \
             --label-smoothing $smoothing --transfer-only-updates "$TRANSFER_UPDATES" --transfer-weight "$TRANSFER_WEIGHT";;
         *) echo "quickstart: unknown model '$name' in QS_MODELS" >&2; exit 2;;
       esac

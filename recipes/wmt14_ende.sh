@@ -23,7 +23,7 @@
 #   NUM_GPUS [8]  NUM_NODES [1]  NODE_RANK [0]  MASTER_ADDR [localhost]  MASTER_PORT [29500]
 #   LAUNCHER [auto] | spawn | torchrun | srun     CPU [0]  CPU_PROCS [1]  (CPU=1: gloo, for smoke tests)
 #   MAX_UPDATE [30000] finetune updates   TEACHER_MAX_UPDATE [300000]   MAX_TOKENS [3584] per GPU
-#   UPDATE_FREQ [config x 8 / world size]   FEATURE_SIZE [32]   CROSS_FEATURE_SIZE [= FEATURE_SIZE]
+#   UPDATE_FREQ [config x 8 / world size]   FEATURE_SIZE [32]   CROSS_FEATURE_SIZE [128]
 #   BPE_TOKENS [32000] (TEACHER=train)  BEAM [4]  LENPEN [0.6]  EVAL_MODELS ["teacher t2r"]
 #   EVAL_CHECKPOINT [checkpoint_best.pt]  EVAL_MAX_TOKENS [8000]  PREP_WORKERS [8]
 #   PREP_ARGS   extra data-prep options, e.g. "--icml17" (EN-DE: News Commentary v9, i.e. the WMT14 release)
@@ -42,7 +42,7 @@ TEACHER_ARCHIVE_DIR=wmt16.en-de.joined-dict.transformer
 TEACHER_CONFIG=wmt14_ende_teacher FINETUNE_CONFIG=wmt14_ende_finetune REF_WORLD=8
 BPE_TOKENS=${BPE_TOKENS:-32000}
 MAX_UPDATE=${MAX_UPDATE:-30000} TEACHER_MAX_UPDATE=${TEACHER_MAX_UPDATE:-300000} MAX_TOKENS=${MAX_TOKENS:-3584}
-FEATURE_SIZE=${FEATURE_SIZE:-32} CROSS_FEATURE_SIZE=${CROSS_FEATURE_SIZE:-${FEATURE_SIZE}}
+FEATURE_SIZE=${FEATURE_SIZE:-32} CROSS_FEATURE_SIZE=${CROSS_FEATURE_SIZE:-128}
 BEAM=${BEAM:-4} LENPEN=${LENPEN:-0.6}
 
 t2r_mt_main

@@ -17,7 +17,8 @@ from typing import Optional
 
 ROWS = [
     ("teacher", "softmax teacher"),
-    ("t2r", "T2R + pretrain, recommended recipe (calibrated swap, feature maps at 8x lr, MT lr annealed to 0)"),
+    ("t2r", "T2R + pretrain, recommended recipe (calibrated swap, feature maps at 8x lr; MT: 128 cross-attention "
+            "features, lr annealed to 0)"),
     ("t2r_paper", "T2R + pretrain, the paper's recipe (swap-then-finetune)"),
     ("elu", "ELU+1 + pretrain"),
     ("rfa", "RFA + pretrain"),
