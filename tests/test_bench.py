@@ -35,7 +35,9 @@ def test_bench_tiny_writes_tables_json_and_plot(tmp_path):
         assert state(task, "t2r_unfused", 2, 32) == state(task, "t2r", 2, 32)
     assert state("lm", "softmax", 1, 8) == layers * 2 * 8 * dim * 4  # K and V, fp32
     assert state("mt", "softmax", 1, 8) == 2 * state("lm", "softmax", 1, 8)
-    assert state("mt", "t2r", 1, 8) == 2 * state("lm", "t2r", 1, 8)  # self (S, z) + cross (S, z)
+    # self (S, z) with --feature-size 8, plus the cross-attention's (S, z) with the plugin's default 128 features
+    heads, head_dim = 4, 8
+    assert state("mt", "t2r", 1, 8) == state("lm", "t2r", 1, 8) + layers * heads * 128 * (head_dim + 1) * 4
 
     variants = {r["variant"] for r in res["train"]}
     assert variants >= {"chunkwise", "sdpa_softmax", "naive_quadratic", "chunkwise_c16", "chunkwise_c32"}
@@ -98,11 +100,12 @@ def test_bench_cross_feature_size_rows_time_the_larger_cross_attention_map(tmp_p
     res = bench.main(["--tiny", "--out", str(tmp_path), "--threads", "1", "--skip", "train", "--cross-feature-size", "16"])
     rows = {(r["task"], r["model"], r["batch"], r["context"]): r for r in res["decode"]}
     assert {k for k in rows if k[1] == "t2r_xk16"} == {("mt", "t2r_xk16", b, c) for b in (1, 2) for c in (8, 32)}
-    # Only the cross-attention's (S, z) grows: per layer and head, 16 - 8 more features of (head dim + 1) fp32 values.
+    # Only the cross-attention's (S, z) differs from the t2r row's (the plugin's default, 128 features): per layer
+    # and head, 16 - 128 features of (head dim + 1) fp32 values.
     layers, heads, head_dim = 2, 4, 8
     for b in (1, 2):
         extra = rows[("mt", "t2r_xk16", b, 32)]["state_bytes"] - rows[("mt", "t2r", b, 32)]["state_bytes"]
-        assert extra == b * layers * heads * (16 - 8) * (head_dim + 1) * 4
+        assert extra == b * layers * heads * (16 - 128) * (head_dim + 1) * 4
         assert rows[("mt", "t2r_xk16", b, 32)]["state_bytes"] == rows[("mt", "t2r_xk16", b, 8)]["state_bytes"]
     summary = res["summary"]
     assert summary["mt_b1_t2r_xk16_step_over_t2r_ctx32"] > 0 and "mt_b2_t2r_xk16_step_speedup_vs_softmax_ctx8" in summary

@@ -86,7 +86,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--feature-size", type=int, default=32)
     g.add_argument("--cross-feature-size", type=int, default=0, metavar="K",
                    help="MT: also time T2R whose encoder-decoder attention has K features per head (the model's "
-                        "--cross-feature-size; rows t2r_xkK beside t2r); 0: no such rows")
+                        "--cross-feature-size; rows t2r_xkK beside t2r, whose cross-attention has the plugin's default, 128; "
+                        "32 = the paper's); 0: no such rows")
     g.add_argument("--sliding-window", type=int, default=0, metavar="W",
                    help="also time the hybrid sliding-window attention with a W-token window (decode rows "
                         "t2r_hybrid_wW, training rows hybrid_wW); 0: no hybrid rows")
