@@ -187,6 +187,13 @@ def test_convert_mt_calibrated_then_generate_and_finetune(work, tmp_path) -> Non
         f"decoder.layers.{i}.{a}.feature_map.{p}" for i in range(2) for a in ("self_attn", "encoder_attn")
         for p in ("weight", "bias", "spec")  # spec: the maps' identity record (t2r_fairseq.swap)
     }
+    # the cross-attention's map has the plugin's default size (128) without --cross-feature-size, self-attention 8;
+    # fairseq-train below builds the same without the flag (a different size would be refused by the swap)
+    model = state["model"]
+    assert state["cfg"].model.cross_feature_size == 128
+    assert 128 in model["decoder.layers.0.encoder_attn.feature_map.weight"].shape
+    assert 8 in model["decoder.layers.0.self_attn.feature_map.weight"].shape
+    assert 128 not in model["decoder.layers.0.self_attn.feature_map.weight"].shape
     layers = state["t2r_convert"]["layers"]
     assert len(layers) == 4 and all(r["kl_after"] < r["kl_before"] for r in layers)
     gen = run("fairseq-generate", work / "bin-mt", "--user-dir", USER_DIR, "--path", out, "--cpu", "--beam", "2",

@@ -158,7 +158,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--data", required=True, help="the binarised data directory (dictionaries, calibration batches)")
     ap.add_argument("--feature-map", default="t2r")
     ap.add_argument("--feature-size", type=int, default=32)
-    ap.add_argument("--cross-feature-size", type=int, default=None)
+    ap.add_argument("--cross-feature-size", type=int, default=None,
+                    help="translation: the encoder-decoder attention's feature size (default: the model's, 128)")
     ap.add_argument("--swap-encoder", action="store_true")
     ap.add_argument("--softmax-cross-attention", action="store_true", help="translation: swap decoder self-attention only")
     ap.add_argument("--sliding-window", type=int, default=0, help="hybrid: softmax over the last W positions")
