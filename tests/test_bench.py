@@ -12,10 +12,10 @@ from t2r_fairseq.bench.report import generation_ms
 
 
 def test_bench_tiny_writes_tables_json_and_plot(tmp_path):
-    res = bench.main(["--tiny", "--out", str(tmp_path), "--threads", "1", "--compare-unfused"])
+    res = bench.main(["--tiny", "--out", str(tmp_path), "--threads", "1", "--compare-unfused", "--compare-qk"])
     assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(res))
     rows = {(r["task"], r["model"], r["batch"], r["context"]): r for r in res["decode"]}
-    assert set(rows) == {(t, m, b, c) for t in ("lm", "mt") for m in ("softmax", "t2r", "t2r_unfused", "no_attention")
+    assert set(rows) == {(t, m, b, c) for t in ("lm", "mt") for m in ("softmax", "t2r", "t2r_qk", "t2r_unfused", "no_attention")
                          for b in (1, 2) for c in (8, 32)}
     for r in res["decode"]:
         assert r["median_ms"] > 0 and r["spread_ms"] >= 0 and math.isfinite(r["tokens_per_s"])
@@ -33,6 +33,7 @@ def test_bench_tiny_writes_tables_json_and_plot(tmp_path):
         assert state(task, "t2r", 2, 8) == 2 * state(task, "t2r", 1, 8)
         assert state(task, "no_attention", 1, 32) == 0
         assert state(task, "t2r_unfused", 2, 32) == state(task, "t2r", 2, 32)
+        assert state(task, "t2r_qk", 2, 32) == state(task, "t2r", 2, 32)  # untying q/k leaves the state as it is
     assert state("lm", "softmax", 1, 8) == layers * 2 * 8 * dim * 4  # K and V, fp32
     assert state("mt", "softmax", 1, 8) == 2 * state("lm", "softmax", 1, 8)
     # self (S, z) with --feature-size 8, plus the cross-attention's (S, z) with the plugin's default 128 features
@@ -45,7 +46,7 @@ def test_bench_tiny_writes_tables_json_and_plot(tmp_path):
     summary = res["summary"]
     assert all(math.isfinite(v) for v in summary.values())
     for key in ("lm_b2_t2r_over_attention_free_ctx32", "mt_b1_t2r_unfused_over_attention_free_ctx8", "mt_b1_kv_cache_over_t2r_state_ctx32",
-                "mt_b2_t2r_over_softmax_tokens_per_s_generating_32", "train_chunkwise_speedup_vs_sdpa_L128"):
+                "mt_b2_t2r_over_softmax_tokens_per_s_generating_32", "lm_b1_t2r_qk_step_over_t2r_ctx8", "train_chunkwise_speedup_vs_sdpa_L128"):
         assert key in summary
     md = (tmp_path / "results.md").read_text()
     assert "| mt | t2r | 2 | 32 | 32 |" in md and "| chunkwise_c16 | 128 |" in md

@@ -44,7 +44,7 @@ def test_lr_scale_keeps_function_and_checkpoint(name: str) -> None:
         torch.testing.assert_close(p.detach() * 0.5, sp[n])
 
 
-@pytest.mark.parametrize("name", ["t2r", "hedgehog", "rfa"])
+@pytest.mark.parametrize("name", ["t2r", "t2r_qk", "hedgehog", "rfa"])
 def test_lr_scale_is_a_learning_rate_multiplier_for_adam(name: str) -> None:
     """Adam at lr on a map with lr_scale s takes the steps of Adam at s * lr on the plain map."""
     torch.manual_seed(0)

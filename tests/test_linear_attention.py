@@ -113,6 +113,26 @@ def test_bf16_inputs_close_to_fp32(name: str) -> None:
     torch.testing.assert_close(stepped.float(), ref, atol=5e-2, rtol=5e-2)
 
 
+def test_t2r_qk_starts_as_t2r_and_unties_the_keys() -> None:
+    """Untrained, ``t2r_qk`` is ``t2r`` with the same seed; its key layer then moves the key features alone."""
+    torch.manual_seed(0)
+    x = torch.randn(B, H, 9, D_HEAD)
+    torch.manual_seed(3)
+    tied = build_feature_map("t2r", H, D_HEAD, feature_size=6)
+    torch.manual_seed(3)
+    untied = build_feature_map("t2r_qk", H, D_HEAD, feature_size=6)
+    for is_query in (True, False):
+        torch.testing.assert_close(untied(x, is_query), tied(x, is_query), atol=0, rtol=0)
+    assert {n for n, _ in untied.named_parameters()} == {"weight", "bias", "key_weight", "key_bias"}
+    with torch.no_grad():
+        untied.key_weight.mul_(-1.0)
+        untied.key_bias.add_(0.5)
+    torch.testing.assert_close(untied(x, True), tied(x, True), atol=0, rtol=0)
+    assert not torch.allclose(untied(x, False), tied(x, False))
+    expected = torch.relu(torch.einsum("bhld,hkd->bhlk", x, -tied.weight) + (tied.bias + 0.5)[None, :, None, :])
+    torch.testing.assert_close(untied(x, False), expected, atol=1e-6, rtol=1e-6)
+
+
 def test_all_zero_features_read_out_zero() -> None:
     """A ReLU map can zero a query; the floored denominator gives 0, not NaN."""
     q = torch.zeros(1, 1, 4, 3)

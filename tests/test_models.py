@@ -54,7 +54,7 @@ def _mt_batch(task, batch=3, src_len=9, tgt_len=7):
     return src, lengths, prev
 
 
-@pytest.mark.parametrize("feature_map", ["t2r", "elu", "performer", "hedgehog", "rfa"])
+@pytest.mark.parametrize("feature_map", ["t2r", "t2r_qk", "elu", "performer", "hedgehog", "rfa"])
 @pytest.mark.parametrize("swap_encoder", [False, True])
 def test_mt_incremental_equals_full_forward(tmp_path, feature_map, swap_encoder):
     extra = ["--feature-map", feature_map, "--feature-size", "8", "--cross-feature-size", "6"]
@@ -201,7 +201,7 @@ def test_fused_generation_projection_equals_unfused(feature_map, role):
     enc = torch.randn(5, 3, 12) if role == "cross" else None
     fused, fused_state = _steps(attn, x, enc)  # no grad, eval: the fused path
     (_, cached), = attn._fused_cache.values()
-    assert cached.folded == (feature_map in ("t2r", "hedgehog")) and len(cached.sizes) == (3 if role == "self" else 1)
+    assert cached.folded == (feature_map in ("t2r", "t2r_qk", "hedgehog")) and len(cached.sizes) == (3 if role == "self" else 1)
     plain, plain_state = _steps(attn, x, enc, grad=True)  # autograd on: the parameters' own path
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
     for name in ("S", "z"):

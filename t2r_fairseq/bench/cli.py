@@ -91,6 +91,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--sliding-window", type=int, default=0, metavar="W",
                    help="also time the hybrid sliding-window attention with a W-token window (decode rows "
                         "t2r_hybrid_wW, training rows hybrid_wW); 0: no hybrid rows")
+    g.add_argument("--compare-qk", action="store_true",
+                   help="also time T2R with the t2r_qk map (the keys' own layer; rows t2r_qk): same shapes as t2r")
     g.add_argument("--compare-unfused", action="store_true",
                    help="also time T2R with generation's fast path off (separate q/k/v and feature-map "
                         "matmuls, out-of-place state update)")

@@ -16,6 +16,9 @@ Three models of the same size, built through fairseq's own argument parsing
   whose encoder-decoder attention has its own feature size K (self-attention
   keeps ``--feature-size``): what a larger cross-attention map costs per step
   and in the cached source summary, beside ``t2r`` in the same run;
+* ``t2r_qk`` (with ``--compare-qk``): T2R with the ``t2r_qk`` map (the keys'
+  own layer); its per-step work and state have the shapes of ``t2r``'s, and
+  these rows show that in the same run;
 * ``t2r_hybrid`` (with ``--sliding-window W``, rows named ``t2r_hybrid_wW``):
   T2R whose decoder self-attention is the sliding-window hybrid; its state is a
   ``W``-token KV ring buffer plus ``(S, z)`` (cross-attention as T2R);
@@ -42,7 +45,7 @@ from torch import Tensor, nn
 
 from t2r_fairseq.bench.measure import peak_memory_mib, reset_peak_memory, timeit
 
-KINDS = ("no_attention", "t2r", "t2r_xk", "t2r_unfused", "t2r_hybrid", "topk", "softmax")
+KINDS = ("no_attention", "t2r", "t2r_xk", "t2r_qk", "t2r_unfused", "t2r_hybrid", "topk", "softmax")
 KV_CACHE_KINDS = ("topk", "softmax")  # state grows with the prefix: timed last (see bench_decode)
 
 
@@ -121,6 +124,8 @@ def build_model(task: str, kind: str, cfg: argparse.Namespace, max_positions: in
         argv += ["--feature-size", str(cfg.feature_size)]
     if kind == "t2r_xk":
         argv += ["--cross-feature-size", str(cfg.cross_feature_size)]
+    if kind == "t2r_qk":
+        argv += ["--feature-map", "t2r_qk"]
     if kind == "t2r_hybrid":
         argv += ["--sliding-window", str(cfg.sliding_window)]
     if kind == "topk":
@@ -231,7 +236,7 @@ def bench_decode(cfg: argparse.Namespace) -> List[dict]:
     are compared with the bound (T2R, the bound itself) run first.
     """
     rows: List[dict] = []
-    optional = {"t2r_unfused": cfg.compare_unfused, "t2r_xk": getattr(cfg, "cross_feature_size", 0) > 0,
+    optional = {"t2r_unfused": cfg.compare_unfused, "t2r_qk": getattr(cfg, "compare_qk", False), "t2r_xk": getattr(cfg, "cross_feature_size", 0) > 0,
                 "t2r_hybrid": getattr(cfg, "sliding_window", 0) > 0, "topk": getattr(cfg, "topk_decode_k", 0) > 0}
     kinds = [k for k in KINDS if optional.get(k, True)]
     order = [(t, k) for k in kinds if k not in KV_CACHE_KINDS for t in cfg.tasks if (k, t) != ("t2r_xk", "lm")]

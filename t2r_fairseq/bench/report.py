@@ -69,6 +69,8 @@ def summarise(decode: List[dict], train: List[dict], cfg) -> Dict[str, float]:  
                     out[f"{p}_{xk}_step_over_t2r_ctx{ctx}"] = ms(xk, ctx) / ms("t2r", ctx)
                 if ms(xk, ctx) and ms("softmax", ctx):
                     out[f"{p}_{xk}_step_speedup_vs_softmax_ctx{ctx}"] = ms("softmax", ctx) / ms(xk, ctx)
+                if ms("t2r_qk", ctx) and ms("t2r", ctx):  # untied q/k maps: same shapes, so ~1.0
+                    out[f"{p}_t2r_qk_step_over_t2r_ctx{ctx}"] = ms("t2r_qk", ctx) / ms("t2r", ctx)
             kv = _pick(decode, task=task, model="softmax", batch=b, context=mid)
             rnn = _pick(decode, task=task, model="t2r", batch=b, context=mid)
             out[f"{p}_kv_cache_over_t2r_state_ctx{mid}"] = kv["state_bytes"] / max(rnn["state_bytes"], 1)
@@ -127,6 +129,7 @@ def _plots(res: dict, out: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
     styles = {"softmax": "C0", "t2r": "C1", "no_attention": "C2", "t2r_unfused": "C3"}  # colour per model, line style per batch
     styles.update({m: "C5" for m in {r["model"] for r in res["decode"]} if m.startswith("t2r_xk")})
+    styles.update({m: "C6" for m in {r["model"] for r in res["decode"]} if m == "t2r_qk"})
     styles.update({m: "C4" for m in {r["model"] for r in res["decode"]} if m.startswith("t2r_hybrid")})
     for ax, (panel, task) in zip(axes[0], panels):
         if panel == "decode":

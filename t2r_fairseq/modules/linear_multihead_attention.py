@@ -182,11 +182,12 @@ class LinearMultiheadAttention(nn.Module):
 
     # -- generation-time fused projection -----------------------------------
 
-    def _fold(self, proj: nn.Linear, scale: float, fold_map: bool) -> Tuple[Tensor, Tensor]:
-        """``proj`` (times ``scale``) as one ``(weight, bias)``, composed with the map's affine prefix if asked."""
+    def _fold(self, proj: nn.Linear, scale: float, fold_map: bool, is_query: bool = True) -> Tuple[Tensor, Tensor]:
+        """``proj`` (times ``scale``) as one ``(weight, bias)``, composed with the map's affine prefix (the queries' or
+        the keys' side) if asked."""
         weight = proj.weight * scale
         bias = proj.bias * scale if proj.bias is not None else weight.new_zeros(weight.size(0))
-        prefix = self.feature_map.affine_prefix() if fold_map else None
+        prefix = self.feature_map.affine_prefix(is_query) if fold_map else None
         if prefix is None:
             return weight, bias
         w_phi, b_phi = prefix  # [H, k, d], [H, k]
@@ -210,7 +211,7 @@ class LinearMultiheadAttention(nn.Module):
         with torch.no_grad():
             parts = [self._fold(self.q_proj, self.scaling, folded)]
             if role == "qkv":
-                parts += [self._fold(self.k_proj, 1.0, folded), self._fold(self.v_proj, 1.0, False)]
+                parts += [self._fold(self.k_proj, 1.0, folded, is_query=False), self._fold(self.v_proj, 1.0, False)]
             fused = _FusedProjection(
                 weight=torch.cat([w for w, _ in parts]).contiguous(),
                 bias=torch.cat([b for _, b in parts]).contiguous(),
