@@ -236,7 +236,8 @@ def bench_decode(cfg: argparse.Namespace) -> List[dict]:
     are compared with the bound (T2R, the bound itself) run first.
     """
     rows: List[dict] = []
-    optional = {"t2r_unfused": cfg.compare_unfused, "t2r_qk": getattr(cfg, "compare_qk", False), "t2r_xk": getattr(cfg, "cross_feature_size", 0) > 0,
+    optional = {"t2r_unfused": cfg.compare_unfused, "t2r_qk": getattr(cfg, "compare_qk", False),
+                "t2r_xk": getattr(cfg, "cross_feature_size", 0) > 0,
                 "t2r_hybrid": getattr(cfg, "sliding_window", 0) > 0, "topk": getattr(cfg, "topk_decode_k", 0) > 0}
     kinds = [k for k in KINDS if optional.get(k, True)]
     order = [(t, k) for k in kinds if k not in KV_CACHE_KINDS for t in cfg.tasks if (k, t) != ("t2r_xk", "lm")]

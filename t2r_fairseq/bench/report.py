@@ -127,9 +127,8 @@ def _plots(res: dict, out: Path) -> None:
     tasks = sorted({r["task"] for r in res["decode"]})
     panels = [("decode", t) for t in tasks] + [("state", None)] * bool(tasks) + [("train", None)] * bool(res["train"])
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
-    styles = {"softmax": "C0", "t2r": "C1", "no_attention": "C2", "t2r_unfused": "C3"}  # colour per model, line style per batch
+    styles = {"softmax": "C0", "t2r": "C1", "no_attention": "C2", "t2r_unfused": "C3", "t2r_qk": "C6"}  # colour per model, line style per batch
     styles.update({m: "C5" for m in {r["model"] for r in res["decode"]} if m.startswith("t2r_xk")})
-    styles.update({m: "C6" for m in {r["model"] for r in res["decode"]} if m == "t2r_qk"})
     styles.update({m: "C4" for m in {r["model"] for r in res["decode"]} if m.startswith("t2r_hybrid")})
     for ax, (panel, task) in zip(axes[0], panels):
         if panel == "decode":

@@ -281,7 +281,7 @@ class T2RQKFeatureMap(T2RFeatureMap):
 
     def affine_prefix(self, is_query: bool = True) -> tuple[Tensor, Tensor | None]:
         if is_query:
-            return self.learned("weight"), self.learned("bias")
+            return super().affine_prefix(is_query)
         return self.learned("key_weight"), self.learned("key_bias")
 
 
