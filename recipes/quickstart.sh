@@ -12,9 +12,11 @@
 # (Multi30k), --lm-splits train=valid,valid=test,test=test (WikiText-2 without its train split).
 # Finished stages are skipped (delete or --force to redo); everything lands under --out (default runs/quickstart).
 # Budgets: QS_TEACHER_UPDATES, QS_FINETUNE_UPDATES. Compared models: QS_MODELS (default "t2r t2r_paper elu t2r_scratch":
-# t2r = the recommended recipe (tools.convert: swap + feature maps calibrated to the teacher's attention, then
+# t2r = the recommended recipe (tools.convert: swap to the plugin's default map t2r_qk, the learned T2R map with its own
+# layer for the keys, + feature maps calibrated to the teacher's attention, then
 # finetuning with --feature-map-lr-scale 8 and, for MT, 128 cross-attention features and the lr annealed to 0),
-# t2r_paper = the paper's (finetune straight from the teacher, --feature-map-lr-scale 1, MT cross-attention k = 32);
+# t2r_paper = the paper's (its tied map t2r, finetuned straight from the teacher, --feature-map-lr-scale 1, MT
+# cross-attention k = 32);
 # also available: rfa, performer, hedgehog (swap-finetune with that map), t2r_scratch_long (from scratch, teacher budget),
 # <map>_at_mse / <map>_at_ce (e.g. t2r_at_mse, hedgehog_at_ce: attention transfer with that loss for QS_TRANSFER_UPDATES
 # (default a third of the finetune budget), then the task loss + QS_TRANSFER_WEIGHT (default 0) x transfer; same total updates)).
@@ -28,7 +30,7 @@ while [[ $# -gt 0 ]]; do
     --src) SRC=$2; shift 2;; --tgt) TGT=$2; shift 2;; --stages) STAGES=$2; shift 2;;
     --lm-splits) LM_SPLITS=$2; shift 2;; --mt-splits) MT_SPLITS=$2; shift 2;;
     --force) FORCE=1; shift;; --tiny) TINY=1; shift;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0;;
     *) echo "quickstart: unknown option $1 (see --help)" >&2; exit 2;;
   esac
 done
@@ -121,9 +123,9 @@ if has_stage finetune; then
         t2r_scratch) train "$name" "$kind" "$FINETUNE_UPDATES" $t2r_arch --feature-map t2r --feature-size $FEAT;;
         t2r_scratch_long) train "$name" "$kind" "$TEACHER_UPDATES" $t2r_arch --feature-map t2r --feature-size $FEAT;;
         t2r)  # the recommended recipe (translation: the learning rate decays linearly to 0 at the last update)
-          swapped=$(convert "$name" "$kind" t2r)
+          swapped=$(convert "$name" "$kind" t2r_qk)
           anneal=(); [[ $kind == mt ]] && anneal=(--lr-scheduler polynomial_decay --total-num-update "$FINETUNE_UPDATES" --end-learning-rate 0)
-          train "$name" "$kind" "$FINETUNE_UPDATES" $t2r_arch --feature-map t2r --feature-size $FEAT \
+          train "$name" "$kind" "$FINETUNE_UPDATES" $t2r_arch --feature-map t2r_qk --feature-size $FEAT \
             --feature-map-lr-scale 8 --finetune-from-model "$swapped" "${anneal[@]}";;
         t2r_paper)
           train "$name" "$kind" "$FINETUNE_UPDATES" $t2r_arch --feature-map t2r --feature-size $FEAT "${paper_k[@]}" \

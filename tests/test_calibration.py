@@ -185,8 +185,8 @@ def test_convert_mt_calibrated_then_generate_and_finetune(work, tmp_path) -> Non
         assert torch.equal(state["model"][k], v), k
     assert {k for k in state["model"] if k not in teacher_state} == {
         f"decoder.layers.{i}.{a}.feature_map.{p}" for i in range(2) for a in ("self_attn", "encoder_attn")
-        for p in ("weight", "bias", "spec")  # spec: the maps' identity record (t2r_fairseq.swap)
-    }
+        for p in ("weight", "bias", "key_weight", "key_bias", "spec")  # the default map t2r_qk's query and key
+    }  # layers; spec: the maps' identity record (t2r_fairseq.swap)
     # the cross-attention's map has the plugin's default size (128) without --cross-feature-size, self-attention 8;
     # fairseq-train below builds the same without the flag (a different size would be refused by the swap)
     model = state["model"]

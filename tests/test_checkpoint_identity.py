@@ -29,6 +29,7 @@ from t2r_fairseq.modules.feature_maps import FEATURE_MAPS, FeatureMapSpec, featu
 from t2r_fairseq.swap import SwapError, diagnose, feature_map_mismatch_message, plan_swap
 
 K8 = ["--feature-size", "8"]
+T2R8 = ["--feature-map", "t2r", *K8]  # the paper's tied map (the default before t2r_qk), as in checkpoints of that time
 
 
 # -- fixtures ----------------------------------------------------------------------------------
@@ -36,7 +37,7 @@ K8 = ["--feature-size", "8"]
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory) -> Path:
-    """bin/ (tiny LM data) and t2r.pt (t2r, k=8, 2 layers, two updates); teacher.pt (the same without
+    """bin/ (tiny LM data) and t2r.pt (the paper's tied map t2r, k=8, 2 layers, two updates); teacher.pt (the same without
     linear-attention tensors: a softmax checkpoint) and legacy.pt (without identity records: saved before they
     existed). Built in-process with fairseq's own preprocess and train entry points (no interpreter start-ups)."""
     from fairseq import options
@@ -50,7 +51,7 @@ def lm(tmp_path_factory) -> Path:
     preprocess.main(options.get_preprocessing_parser().parse_args([
         "--only-source", "--trainpref", str(raw / "lm.train"), "--validpref", str(raw / "lm.valid"),
         "--testpref", str(raw / "lm.test"), "--destdir", str(root / "bin"), "--workers", "1"]))
-    _train_in_process(root, root / "t2r", *K8, "--max-update", "2", "--no-save-optimizer-state")
+    _train_in_process(root, root / "t2r", "--feature-map", "t2r", *K8, "--max-update", "2", "--no-save-optimizer-state")
     shutil.copy(root / "t2r" / "checkpoint_last.pt", root / "t2r.pt")
     state = torch.load(root / "t2r.pt", weights_only=False)
     model = state["model"]
@@ -123,14 +124,15 @@ def test_every_map_saves_an_integer_record_that_half_and_averaging_keep(tmp_path
 
 def test_softmax_checkpoint_still_swaps_the_records_are_not_counted(tmp_path, caplog):
     _, _, teacher = build_lm(tmp_path / "t", arch="transformer_lm")
-    _, _, student = build_lm(tmp_path / "s", extra=K8)
+    _, _, student = build_lm(tmp_path / "s", extra=K8)  # the default map, t2r_qk
     with caplog.at_level(logging.INFO):
         student.load_state_dict(teacher.state_dict())
     (line,) = [r.getMessage() for r in caplog.records if "T2R swap" in r.getMessage()]
-    assert line == ("T2R swap: reused 35 tensors from the softmax checkpoint; new 4 tensors "
-                    "(decoder.layers.*.self_attn.feature_map.bias x2, decoder.layers.*.self_attn.feature_map.weight x2)"
-                    "; dropped 0")
-    assert FeatureMapSpec.from_tensor(student.state_dict()["decoder.layers.0.self_attn.feature_map.spec"]).name == "t2r"
+    assert line == ("T2R swap: reused 35 tensors from the softmax checkpoint; new 8 tensors "
+                    "(decoder.layers.*.self_attn.feature_map.bias x2, decoder.layers.*.self_attn.feature_map.key_bias "
+                    "x2, decoder.layers.*.self_attn.feature_map.key_weight x2, decoder.layers.*.self_attn.feature_map"
+                    ".weight x2); dropped 0")
+    assert FeatureMapSpec.from_tensor(student.state_dict()["decoder.layers.0.self_attn.feature_map.spec"]).name == "t2r_qk"
 
 
 def test_softmax_checkpoint_into_elu_reports_the_swap(tmp_path, caplog):
@@ -175,7 +177,7 @@ def test_a_different_map_is_refused_naming_both_sides(tmp_path, ckpt_flags, mode
 def test_cross_attention_map_size_names_its_own_flag(tmp_path):
     _, _, a = build_mt(tmp_path / "a", extra=[*K8, "--cross-feature-size", "4"])
     _, _, b = build_mt(tmp_path / "b", extra=K8)  # the cross-attention's own default size: 128, not --feature-size
-    with pytest.raises(SwapError, match=r"are t2r \(k=4\) but this model builds t2r \(k=128\) "
+    with pytest.raises(SwapError, match=r"are t2r_qk \(k=4\) but this model builds t2r_qk \(k=128\) "
                                          r"\(decoder\.layers\.\*\.encoder_attn\.feature_map x2\): build it with "
                                          r"--cross-feature-size 4, or pass --reset-feature-maps"):
         b.load_state_dict(a.state_dict())
@@ -200,7 +202,7 @@ def test_reset_feature_maps_starts_new_maps_and_keeps_everything_else(tmp_path):
 def test_reset_feature_maps_does_not_hide_other_heads(tmp_path):
     _, _, a = build_lm(tmp_path / "a", extra=[*K8, "--decoder-attention-heads", "2"])
     _, _, b = build_lm(tmp_path / "b", extra=["--feature-map", "hedgehog", *K8])
-    with pytest.raises(SwapError, match=r"build it with --decoder-attention-heads 2 --feature-map t2r --feature-size 8$"):
+    with pytest.raises(SwapError, match=r"build it with --decoder-attention-heads 2 --feature-map t2r_qk --feature-size 8$"):
         plan_swap(b.state_dict(), a.state_dict(), reset_feature_maps=True)
 
 
@@ -213,8 +215,8 @@ def test_reset_feature_maps_leaves_matching_maps_alone(tmp_path):
 
 
 def test_legacy_checkpoint_loads_with_one_warning(tmp_path, caplog):
-    _, _, a = build_lm(tmp_path / "a", extra=["--sliding-window", "4", *K8], seed=1)
-    _, _, b = build_lm(tmp_path / "b", extra=["--sliding-window", "4", *K8], seed=2)
+    _, _, a = build_lm(tmp_path / "a", extra=["--sliding-window", "4", *T2R8], seed=1)  # older than t2r_qk
+    _, _, b = build_lm(tmp_path / "b", extra=["--sliding-window", "4", *T2R8], seed=2)
     old = {k: v for k, v in a.state_dict().items() if not k.endswith((".spec", ".window_size"))}
     with caplog.at_level(logging.INFO):
         b.load_state_dict(old)
@@ -228,8 +230,8 @@ def test_legacy_checkpoint_loads_with_one_warning(tmp_path, caplog):
 
 
 def test_legacy_checkpoint_of_another_size_is_refused(tmp_path):
-    _, _, a = build_lm(tmp_path / "a", extra=["--feature-size", "4"])
-    _, _, b = build_lm(tmp_path / "b", extra=K8)
+    _, _, a = build_lm(tmp_path / "a", extra=["--feature-map", "t2r", "--feature-size", "4"])
+    _, _, b = build_lm(tmp_path / "b", extra=T2R8)
     old = {k: v for k, v in a.state_dict().items() if not k.endswith(".spec")}
     with pytest.raises(SwapError, match=r"^checkpoint tensor 'decoder\.layers\.0\.self_attn\.feature_map\.weight' has "
                                          r"shape \(4, 4, 8\) but the T2R model expects \(4, 8, 8\): the checkpoint's "
@@ -295,7 +297,7 @@ def test_mt_structure_differences_name_the_flag(tmp_path):
     # The other way round is a swap of the attention the checkpoint kept softmax: allowed, and reported.
     plan = plan_swap(enc.state_dict(), plain.state_dict())
     assert not plan.from_softmax and {re.sub(r"\.\d+\.", ".*.", n) for n in plan.new} == {
-        "encoder.layers.*.self_attn.feature_map.weight", "encoder.layers.*.self_attn.feature_map.bias"}
+        f"encoder.layers.*.self_attn.feature_map.{p}" for p in ("weight", "bias", "key_weight", "key_bias")}
     _, _, lm_model = build_lm(tmp_path / "d", extra=K8)
     with pytest.raises(SwapError, match=r"the checkpoint is an encoder-decoder model but this model is a language "
                                          r"model \(no encoder\): build it with --arch t2r_transformer "):
@@ -303,8 +305,8 @@ def test_mt_structure_differences_name_the_flag(tmp_path):
 
 
 def test_t2r_to_t2r_strict_load_with_missing_keys_is_a_swap_error(tmp_path):
-    _, _, a = build_lm(tmp_path / "a", extra=K8)
-    _, _, b = build_lm(tmp_path / "b", extra=K8)
+    _, _, a = build_lm(tmp_path / "a", extra=T2R8)
+    _, _, b = build_lm(tmp_path / "b", extra=T2R8)
     state = {k: v for k, v in a.state_dict().items() if k != "decoder.layers.1.self_attn.feature_map.bias"}
     with pytest.raises(SwapError, match=r"first 'decoder\.layers\.1\.self_attn\.feature_map\.bias'\) do not fit this "
                                          r"model's t2r \(k=8\) maps"):
@@ -340,6 +342,33 @@ def test_train_refuses_a_checkpoint_with_other_feature_maps(lm):
     _assert_refused(proc, save, r"^t2r_fairseq\.swap\.SwapError: checkpoint feature maps are t2r \(k=8\) but this "
                                 r"model builds hedgehog \(k=8\) .*: build it with --feature-map t2r --feature-size 8, "
                                 r"or pass --reset-feature-maps")
+
+
+def test_a_checkpoint_of_the_former_default_map_is_not_reinterpreted(lm):
+    """t2r was the default map before t2r_qk: a command without --feature-map now builds t2r_qk, and a t2r
+    checkpoint given to it is refused with the flag that rebuilds its map; loading it to evaluate rebuilds t2r from
+    its own config."""
+    from fairseq import checkpoint_utils
+
+    save = lm / "err-default"
+    proc = _train(lm, save, *K8, "--finetune-from-model", lm / "t2r.pt")
+    _assert_refused(proc, save, r"^t2r_fairseq\.swap\.SwapError: checkpoint feature maps are t2r \(k=8\) but this "
+                                r"model builds t2r_qk \(k=8\) .*: build it with --feature-map t2r --feature-size 8, "
+                                r"or pass --reset-feature-maps")
+    for path in ("t2r.pt", "legacy.pt"):  # with and without identity records: the map comes from the config
+        (model,), _, _ = checkpoint_utils.load_model_ensemble_and_task(
+            [str(lm / path)], arg_overrides={"data": str(lm / "bin")})
+        assert type(model.decoder.layers[0].self_attn.feature_map).__name__ == "T2RFeatureMap"
+
+
+def test_a_legacy_checkpoint_into_the_default_map_is_refused(lm):
+    """Checkpoints without identity records predate t2r_qk: their tied maps cannot fill its key layers."""
+    save = lm / "err-legacy-default"
+    proc = _train(lm, save, *K8, "--finetune-from-model", lm / "legacy.pt")
+    _assert_refused(proc, save, r"^t2r_fairseq\.swap\.SwapError: .*the checkpoint's feature-map tensors .* do not "
+                                r"fit this model's t2r_qk \(k=8\) maps: build it with the --feature-map/--feature-size "
+                                r"it was trained with \(python -m t2r_fairseq\.tools\.arch_flags "
+                                + re.escape(str(lm / "legacy.pt")) + " prints")
 
 
 def test_train_with_reset_feature_maps_says_so_and_its_checkpoint_evaluates_unreset(lm, caplog):

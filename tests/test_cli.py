@@ -23,7 +23,9 @@ def test_lm_swap_finetune_then_eval_lm(work):
                "--feature-size", "8", *TRAIN, "--max-update", "20", "--save-dir", work / "lm-t2r",
                "--finetune-from-model", work / "lm-teacher" / "checkpoint_last.pt")
     line = _swap_line(proc)
-    assert re.search(r"new 4 tensors .*self_attn\.feature_map\.weight x2.*; dropped 0", line), line
+    # the default map, t2r_qk: a query layer (weight, bias) and a key layer (key_weight, key_bias) per swapped layer
+    assert re.search(r"new 8 tensors .*self_attn\.feature_map\.key_weight x2.*self_attn\.feature_map\.weight x2.*; "
+                     r"dropped 0", line), line
     ev = run("fairseq-eval-lm", work / "bin-lm", "--user-dir", USER_DIR, "--path", work / "lm-t2r" / "checkpoint_last.pt",
              "--cpu", "--tokens-per-sample", "64", "--max-tokens", "2048")
     ppl = float(re.search(r"Perplexity: ([\d.]+)", ev.stdout + ev.stderr).group(1))

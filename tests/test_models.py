@@ -328,6 +328,33 @@ def test_generation_updates_state_in_place_and_skips_identity_reorders(tmp_path)
     assert all(grad_state[k]["S"] is not kept[k] for k in kept)
 
 
+def test_default_map_is_t2r_qk_and_a_t2r_config_keeps_its_map(tmp_path):
+    """Without --feature-map both models build t2r_qk in every swapped layer, from the command line and from a
+    config built in Python; a config that says t2r (every checkpoint trained under the former default stores its
+    map) rebuilds t2r, and arch_flags always spells the stored map out."""
+    from argparse import Namespace
+
+    from t2r_fairseq.models.t2r_transformer import T2RTransformerModel
+    from t2r_fairseq.modules.feature_maps import T2RFeatureMap, T2RQKFeatureMap
+    from t2r_fairseq.tools.arch_flags import architecture_flags
+
+    def maps(model):
+        return {type(m.feature_map) for name, m in model.named_modules() if hasattr(m, "feature_map")}
+
+    args, task, model = build_mt(tmp_path / "mt", extra=["--feature-size", "8"])
+    assert args.feature_map == "t2r_qk" and maps(model) == {T2RQKFeatureMap}
+    flags = architecture_flags(args)  # spelled out even at the default, so copied flags survive a default change
+    assert flags[flags.index("--feature-map") + 1] == "t2r_qk"
+    in_python = Namespace(**{k: v for k, v in vars(args).items() if k != "feature_map"})
+    assert maps(T2RTransformerModel.build_model(in_python, task)) == {T2RQKFeatureMap}
+    tied = Namespace(**{**vars(args), "feature_map": "t2r"})
+    assert maps(T2RTransformerModel.build_model(tied, task)) == {T2RFeatureMap}
+    flags = architecture_flags(tied)
+    assert flags[flags.index("--feature-map") + 1] == "t2r"
+    _, _, lm = build_lm(tmp_path / "lm", extra=["--feature-size", "8"])
+    assert maps(lm) == {T2RQKFeatureMap}
+
+
 def test_translation_cross_attention_has_its_own_default_size_and_older_configs_keep_theirs(tmp_path):
     """The encoder-decoder attention's map defaults to 128 features (self-attention: --feature-size) from the command
     line and from a config built in Python; a config that stores ``cross_feature_size=None`` (T2R checkpoints

@@ -43,6 +43,9 @@ ARCHITECTURE_KEYS = (
     # T2R's own (present in T2R checkpoints)
     "feature_map", "feature_size", "cross_feature_size", "swap_encoder", "softmax_cross_attention", "sliding_window",
 )
+# Printed whenever the checkpoint stores them, even at today's default: the project's default map has changed once
+# (t2r -> t2r_qk), and flags copied into a script must rebuild the same model under any later default.
+ALWAYS_PRINTED = ("feature_map",)
 
 
 def _flag_value(value: Any) -> str:
@@ -86,7 +89,9 @@ def architecture_flags(model_cfg: Any) -> List[str]:
         values["cross_feature_size"] = values.get("feature_size")
     flags = ["--arch", arch]
     for key in ARCHITECTURE_KEYS:
-        if key not in accepted_options(arch) or key not in values or values[key] is None or values[key] == getattr(defaults, key, None):
+        if key not in accepted_options(arch) or key not in values or values[key] is None:
+            continue
+        if key not in ALWAYS_PRINTED and values[key] == getattr(defaults, key, None):
             continue
         value, flag = values[key], "--" + key.replace("_", "-")
         if isinstance(value, bool):

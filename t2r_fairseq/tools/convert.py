@@ -1,7 +1,7 @@
 """Swap a softmax checkpoint into a T2R checkpoint, optionally calibrating the feature maps to the teacher.
 
     python -m t2r_fairseq.tools.convert TEACHER.pt OUT.pt --data DATA-BIN \\
-        [--feature-map t2r] [--feature-size 32] [--cross-feature-size K] [--swap-encoder] \\
+        [--feature-map t2r_qk] [--feature-size 32] [--cross-feature-size K] [--swap-encoder] \\
         [--softmax-cross-attention] [--sliding-window W] \\
         [--calibrate-steps 300] [--calibrate-lr 1e-2] [--calibrate-batches 4] [--subset train] [--max-tokens 4096] \\
         [--device auto|cpu|cuda[:N]]
@@ -39,6 +39,7 @@ from omegaconf import OmegaConf, open_dict
 import t2r_fairseq  # noqa: F401  (registers the models)
 from t2r_fairseq.checkpoint_errors import CheckpointReadError
 from t2r_fairseq.devices import parse_device
+from t2r_fairseq.models.config import DEFAULT_FEATURE_MAP
 from t2r_fairseq.calibration import LayerCalibration, calibrate_feature_maps
 from t2r_fairseq.swap import NEW_TENSOR_PATTERN
 from t2r_fairseq.tools.arch_flags import T2R_MODELS, architecture_flags
@@ -156,7 +157,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("teacher", help="softmax transformer / transformer_lm checkpoint")
     ap.add_argument("out", help="T2R checkpoint to write")
     ap.add_argument("--data", required=True, help="the binarised data directory (dictionaries, calibration batches)")
-    ap.add_argument("--feature-map", default="t2r")
+    ap.add_argument("--feature-map", default=DEFAULT_FEATURE_MAP,
+                    help=f"feature map of the swapped attention (default {DEFAULT_FEATURE_MAP}, the plugin's; "
+                    "t2r = the paper's tied map)")
     ap.add_argument("--feature-size", type=int, default=32)
     ap.add_argument("--cross-feature-size", type=int, default=None,
                     help="translation: the encoder-decoder attention's feature size (default: the model's, 128)")

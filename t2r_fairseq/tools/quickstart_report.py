@@ -17,9 +17,9 @@ from typing import Optional
 
 ROWS = [
     ("teacher", "softmax teacher"),
-    ("t2r", "T2R + pretrain, recommended recipe (calibrated swap, feature maps at 8x lr; MT: 128 cross-attention "
-            "features, lr annealed to 0)"),
-    ("t2r_paper", "T2R + pretrain, the paper's recipe (swap-then-finetune)"),
+    ("t2r", "T2R + pretrain, recommended recipe (t2r_qk map, calibrated swap, feature maps at 8x lr; MT: 128 "
+            "cross-attention features, lr annealed to 0)"),
+    ("t2r_paper", "T2R + pretrain, the paper's recipe (tied t2r map, swap-then-finetune)"),
     ("elu", "ELU+1 + pretrain"),
     ("rfa", "RFA + pretrain"),
     ("performer", "Performer + pretrain"),
