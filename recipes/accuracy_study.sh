@@ -20,6 +20,7 @@
 # Each finetune row runs FT_UPDATES updates (default: 20% of the updates its teacher's training ran, early stopping
 # included; FT_UPDATES_LM / FT_UPDATES_MT override it per task) and saves a checkpoint every eighth of it, so one run
 # gives the whole curve.
+# EVAL_END_ONLY=1: the eval stage scores only each row's end-of-budget checkpoint (a later plain eval adds the curve).
 # Threads: OMP_NUM_THREADS (default 2). Everything lands under --out; finished steps are skipped.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -29,7 +30,7 @@ while [[ $# -gt 0 ]]; do
     --out) OUT=$2; shift 2;; --multi30k) M30K=$2; shift 2;; --wikitext2) WT2=$2; shift 2;;
     --stages) STAGES=$2; shift 2;; --rows) ROWS_ARG=$2; shift 2;; --tasks) TASKS=$2; shift 2;;
     --device) DEVICE=$2; shift 2;; --size) SIZE=$2; shift 2;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0;;
     *) echo "accuracy_study: unknown option $1 (see --help)" >&2; exit 2;;
   esac
 done
@@ -216,6 +217,7 @@ if has eval "$STAGES"; then
       [[ -e $OUT/checkpoints/$row.$kind/checkpoint_0.pt ]] || continue
       # the end of the budget first: a run stopped early still has the number that matters
       points="$B 0 $((B / 8)) $((B / 4)) $((B / 2))"; [[ $kind == mt ]] && points="$B 0 $((B / 4)) $((B / 2))"
+      [[ ${EVAL_END_ONLY:-0} == 1 ]] && points=$B   # every row's final number first; a later eval stage adds the curve
       for point in $points; do
         ck=$OUT/checkpoints/$row.$kind/checkpoint_0.pt
         [[ $point != 0 ]] && ck=$(ls "$OUT"/checkpoints/$row.$kind/checkpoint_*_$point.pt 2>/dev/null | head -1)
