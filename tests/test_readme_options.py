@@ -1,5 +1,5 @@
-"""The README's option table states each T2R option's default; a user copies flags from it, so it must say what
-the code does (the table once kept ``t2r`` as ``--feature-map``'s default after the default had become ``t2r_qk``)."""
+"""The README's option tables state each option's default (T2R, attention transfer, top-k); a user copies flags
+from them, so they must say what the code does (the table once kept ``t2r`` as ``--feature-map``'s default after the default had become ``t2r_qk``)."""
 
 import dataclasses
 import re
@@ -22,21 +22,19 @@ def _table_defaults() -> dict[str, str]:
     return rows
 
 
-def _as_cell(value: object) -> str:
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
-def _same_number(cell: str, value: object) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return float(cell.split(" (")[0]) == float(value)
-    except ValueError:
-        return False
+def _matches(cell: str, default: object) -> bool:
+    """Whether a README default cell states the config's default."""
+    value = cell.split(" (")[0]  # a cell may explain its value: "0 (off)"
+    if default is None:
+        return cell.startswith("--")  # it names the flag a None default falls back to
+    if isinstance(default, bool):
+        return value == ("on" if default else "off")
+    if isinstance(default, (int, float)):
+        try:
+            return float(value) == float(default)
+        except ValueError:
+            return False
+    return value == str(default)
 
 
 def _check(config: type, required: set[str]) -> None:
@@ -45,14 +43,7 @@ def _check(config: type, required: set[str]) -> None:
     documented = {opt: cell for opt, cell in rows.items() if opt in fields}
     # the table documents every option a user sets (the others are fairseq's own)
     assert required <= set(documented), (sorted(required - set(documented)), sorted(rows))
-    wrong = {}
-    for opt, cell in documented.items():
-        want = _as_cell(fields[opt])
-        # a cell may explain its value ("0 (off)"), or name the flag a None default falls back to
-        if _same_number(cell, fields[opt]):
-            continue
-        if cell != want and not cell.startswith(want + " (") and not (fields[opt] is None and cell.startswith("--")):
-            wrong[opt] = (cell, want)
+    wrong = {opt: (cell, fields[opt]) for opt, cell in documented.items() if not _matches(cell, fields[opt])}
     assert not wrong, f"README default vs config default: {wrong}"
 
 
