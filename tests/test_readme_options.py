@@ -1,5 +1,6 @@
 """The README's option tables state each option's default (T2R, attention transfer, top-k); a user copies flags
-from them, so they must say what the code does (the table once kept ``t2r`` as ``--feature-map``'s default after the default had become ``t2r_qk``)."""
+from them, so they must say what the code does (the table once kept ``t2r`` as ``--feature-map``'s default after
+the default had become ``t2r_qk``)."""
 
 import dataclasses
 import re
