@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers import LM_TASK, MT_TASK, TRAIN, USER_DIR, VOCAB, run
 
 
@@ -18,11 +20,25 @@ def _swap_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def test_lm_swap_finetune_then_eval_lm(work):
-    proc = run("fairseq-train", work / "bin-lm", "--user-dir", USER_DIR, *LM_TASK, "--arch", "t2r_transformer_lm",
+@pytest.fixture(scope="module")
+def lm_t2r(work) -> subprocess.CompletedProcess:
+    """The LM swap-finetune run (20 updates into work/lm-t2r) that several tests read: a fixture, so that each of
+    them also runs alone (`pytest -k`), not only after the test that used to write it."""
+    return run("fairseq-train", work / "bin-lm", "--user-dir", USER_DIR, *LM_TASK, "--arch", "t2r_transformer_lm",
                "--feature-size", "8", *TRAIN, "--max-update", "20", "--save-dir", work / "lm-t2r",
                "--finetune-from-model", work / "lm-teacher" / "checkpoint_last.pt")
-    line = _swap_line(proc)
+
+
+@pytest.fixture(scope="module")
+def mt_t2r(work) -> subprocess.CompletedProcess:
+    """The MT swap-finetune run (20 updates into work/mt-t2r), shared the same way."""
+    return run("fairseq-train", work / "bin-mt", "--user-dir", USER_DIR, *MT_TASK, "--arch", "t2r_transformer",
+               "--feature-size", "8", *TRAIN, "--max-update", "20", "--save-dir", work / "mt-t2r",
+               "--finetune-from-model", work / "mt-teacher" / "checkpoint_last.pt")
+
+
+def test_lm_swap_finetune_then_eval_lm(work, lm_t2r):
+    line = _swap_line(lm_t2r)
     # the default map, t2r_qk: a query layer (weight, bias) and a key layer (key_weight, key_bias) per swapped layer
     assert re.search(r"new 8 tensors .*self_attn\.feature_map\.key_weight x2.*self_attn\.feature_map\.weight x2.*; "
                      r"dropped 0", line), line
@@ -38,7 +54,7 @@ def test_lm_swap_finetune_then_eval_lm(work):
     assert "T2R swap:" not in out and "num_updates 25" in out
 
 
-def test_lm_python_hub_generation(work):
+def test_lm_python_hub_generation(work, lm_t2r):
     """fairseq's hub interface on a T2R checkpoint: beam search through the recurrent state."""
     code = (
         "import t2r_fairseq, torch\n"
@@ -62,11 +78,8 @@ def test_lm_swap_through_restore_file_with_resets(work):
     assert (work / "lm-performer" / "checkpoint_last.pt").exists()
 
 
-def test_mt_swap_finetune_generate_sacrebleu_and_interactive(work):
-    proc = run("fairseq-train", work / "bin-mt", "--user-dir", USER_DIR, *MT_TASK, "--arch", "t2r_transformer",
-               "--feature-size", "8", *TRAIN, "--max-update", "20", "--save-dir", work / "mt-t2r",
-               "--finetune-from-model", work / "mt-teacher" / "checkpoint_last.pt")
-    assert "encoder_attn.feature_map" in _swap_line(proc)
+def test_mt_swap_finetune_generate_sacrebleu_and_interactive(work, mt_t2r):
+    assert "encoder_attn.feature_map" in _swap_line(mt_t2r)
     ckpt = work / "mt-t2r" / "checkpoint_last.pt"
     gen = run("fairseq-generate", work / "bin-mt", "--user-dir", USER_DIR, "--path", ckpt, "--beam", "4",
               "--scoring", "sacrebleu", "--cpu", "--max-tokens", "2048")
@@ -88,9 +101,9 @@ def test_mt_swap_finetune_generate_sacrebleu_and_interactive(work):
     assert len(re.findall(r"^H-\d+\t", inter.stdout, flags=re.M)) == 2
 
 
-def test_mt_python_hub_translate(work):
+def test_mt_python_hub_translate(work, mt_t2r):
     """The README's MT hub example: from_pretrained + translate on a T2R translation checkpoint (recurrent beam
-    search with the cached source state). Runs after the MT swap test above, which writes the checkpoint."""
+    search with the cached source state)."""
     code = (
         "import t2r_fairseq\n"
         "from t2r_fairseq.models.t2r_transformer import T2RTransformerModel\n"
@@ -104,7 +117,7 @@ def test_mt_python_hub_translate(work):
     assert "N_OUT 2 WORDS True" in proc.stdout, proc.stdout
 
 
-def test_forgotten_user_dir_fails_as_the_readme_says(work):
+def test_forgotten_user_dir_fails_as_the_readme_says(work, lm_t2r):
     """Without --user-dir fairseq cannot know the plugin's models (nothing of ours runs): the README's
     troubleshooting quotes this exact last line, and the fix."""
     proc = run("fairseq-eval-lm", work / "bin-lm", "--path", work / "lm-t2r" / "checkpoint_last.pt", "--cpu",
