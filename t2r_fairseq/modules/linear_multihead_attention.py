@@ -36,7 +36,7 @@ from fairseq.incremental_decoding_utils import with_incremental_state
 from fairseq.modules.quant_noise import quant_noise
 from torch import Tensor, nn
 
-from t2r_fairseq.modules.feature_maps import build_feature_map
+from t2r_fairseq.modules.feature_maps import DEFAULT_FEATURE_MAP, build_feature_map
 from t2r_fairseq.ops.attention_transfer import softmax_attention
 from t2r_fairseq.ops.linear_attention import (
     DEFAULT_CHUNK_SIZE,
@@ -66,7 +66,7 @@ class _FusedProjection:
 class LinearAttentionOptions:
     """Everything a linear attention layer needs beyond fairseq's own config."""
 
-    feature_map: str = "t2r"
+    feature_map: str = DEFAULT_FEATURE_MAP
     feature_size: int = 32
     chunk_size: int = DEFAULT_CHUNK_SIZE
     eps: float = DEFAULT_EPS
