@@ -9,7 +9,8 @@
 #                  see data-prep/wikitext2_split.py; test.txt is only ever used for the final numbers)
 # --stages         comma list of data,teacher,finetune,eval,report (default: all)
 # --rows           comma list of finetune rows (default: all; see ROWS below); ROW_s<N> reruns ROW with seed N,
-#                  ROW_ftlr<LR> with peak finetuning learning rate LR (default FT_LR=5e-4)
+#                  ROW_ftlr<LR> with peak finetuning learning rate LR (default FT_LR=5e-4); _cal<N> in place of _cal
+#                  calibrates for N steps instead of CAL_STEPS=300
 # --tasks          lm,mt (default both)
 # --device         cpu (default) or cuda: training, calibration and evaluation on the GPU (fp32)
 # --size           small (default: the 2-core study, d=128) or base (6+6 / 6 layers, d=512, 8 heads, dropout 0.3:
@@ -30,7 +31,7 @@ while [[ $# -gt 0 ]]; do
     --out) OUT=$2; shift 2;; --multi30k) M30K=$2; shift 2;; --wikitext2) WT2=$2; shift 2;;
     --stages) STAGES=$2; shift 2;; --rows) ROWS_ARG=$2; shift 2;; --tasks) TASKS=$2; shift 2;;
     --device) DEVICE=$2; shift 2;; --size) SIZE=$2; shift 2;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0;;
     *) echo "accuracy_study: unknown option $1 (see --help)" >&2; exit 2;;
   esac
 done
@@ -114,6 +115,7 @@ row_args() {  # row kind -> CONVERT_ARGS, FT_ARGS, ROW_SEED; a trailing _s<N> re
   ROW_SEED=$SEED; [[ $row =~ _s([0-9]+)$ ]] && ROW_SEED=${BASH_REMATCH[1]}
   case $row in *hedgehog*) map=hedgehog;; *performer*) map=performer;; *elu*) map=elu;; *rfa*) map=rfa;; t2rqk*) map=t2r_qk;; esac
   [[ $row == *_cal* ]] && cal=$CAL_STEPS
+  [[ $row =~ _cal([0-9]+)(_|$) ]] && cal=${BASH_REMATCH[1]}   # _cal<N>: N calibration steps instead of CAL_STEPS
   [[ $row == *_lr8* ]] && lrs=8
   [[ $row == *_k64* ]] && feat=64
   CONVERT_ARGS=(--feature-map $map --feature-size $feat --calibrate-steps $cal)
