@@ -20,21 +20,23 @@ def _swap_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+def _swap_finetune(work: Path, kind: str, task: list, arch: str) -> subprocess.CompletedProcess:
+    """Swap the KIND teacher and finetune 20 updates into work/KIND-t2r (the checkpoint several tests read)."""
+    return run("fairseq-train", work / f"bin-{kind}", "--user-dir", USER_DIR, *task, "--arch", arch,
+               "--feature-size", "8", *TRAIN, "--max-update", "20", "--save-dir", work / f"{kind}-t2r",
+               "--finetune-from-model", work / f"{kind}-teacher" / "checkpoint_last.pt")
+
+
+# Module fixtures, so that every test reading work/lm-t2r or work/mt-t2r also runs alone (`pytest -k`), not only
+# after the test that used to write it.
 @pytest.fixture(scope="module")
 def lm_t2r(work) -> subprocess.CompletedProcess:
-    """The LM swap-finetune run (20 updates into work/lm-t2r) that several tests read: a fixture, so that each of
-    them also runs alone (`pytest -k`), not only after the test that used to write it."""
-    return run("fairseq-train", work / "bin-lm", "--user-dir", USER_DIR, *LM_TASK, "--arch", "t2r_transformer_lm",
-               "--feature-size", "8", *TRAIN, "--max-update", "20", "--save-dir", work / "lm-t2r",
-               "--finetune-from-model", work / "lm-teacher" / "checkpoint_last.pt")
+    return _swap_finetune(work, "lm", LM_TASK, "t2r_transformer_lm")
 
 
 @pytest.fixture(scope="module")
 def mt_t2r(work) -> subprocess.CompletedProcess:
-    """The MT swap-finetune run (20 updates into work/mt-t2r), shared the same way."""
-    return run("fairseq-train", work / "bin-mt", "--user-dir", USER_DIR, *MT_TASK, "--arch", "t2r_transformer",
-               "--feature-size", "8", *TRAIN, "--max-update", "20", "--save-dir", work / "mt-t2r",
-               "--finetune-from-model", work / "mt-teacher" / "checkpoint_last.pt")
+    return _swap_finetune(work, "mt", MT_TASK, "t2r_transformer")
 
 
 def test_lm_swap_finetune_then_eval_lm(work, lm_t2r):
