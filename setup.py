@@ -35,7 +35,8 @@ setup(
         "test": ["pytest>=7", "pytest-xdist>=3", "tensorboardX>=2.6"],
         "tensorboard": ["tensorboardX>=2.6"],
         "plots": ["matplotlib>=3.7"],
-        # fla's Triton kernels for the chunkwise causal form (CUDA only; --linear-kernel auto|fla).
+        # fla's Triton kernels for the chunkwise causal form (CUDA only; --linear-kernel fla: not yet verified
+        # on a GPU, so --linear-kernel auto does not pick it).
         "fla": ["flash-linear-attention"],
     },
     classifiers=[

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -178,6 +180,34 @@ def test_auto_backend_is_the_torch_path_without_fla_or_cuda() -> None:
     auto, auto_state = causal_linear_attention(q, k, v, mask, output_final_state=True, backend="auto")
     ref, ref_state = causal_linear_attention(q, k, v, mask, output_final_state=True, backend="torch")
     assert torch.equal(auto, ref) and torch.equal(auto_state.S, ref_state.S) and torch.equal(auto_state.z, ref_state.z)
+
+
+def test_auto_backend_never_calls_an_unverified_fla_even_where_it_could_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 31: fla's kernel is unverified here (on an H200 its first call had not returned after 95 s), so
+    ``auto`` must be the torch path even where fla reports it can run; an explicit ``fla`` still calls it."""
+    from t2r_fairseq.ops import fla_backend, linear_attention
+
+    calls: list[str] = []
+
+    def recording_kernel(q, k, v, *rest):  # noqa: ANN001, ANN202 - fla_causal_linear_attention's signature
+        calls.append("fla")
+        raise AssertionError("fla's kernel was called")
+
+    monkeypatch.setattr(fla_backend, "available", lambda device: True)
+    monkeypatch.setattr(fla_backend, "fla_causal_linear_attention", recording_kernel)
+    monkeypatch.setattr(linear_attention, "_fla_broken", None)
+    assert linear_attention.FLA_VERIFIED is False  # flip only after the GPU oracle tests of issue 32 pass
+    q, k, v = _features("t2r", 40)
+    mask = _padding("left", 40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not even a fallback warning: fla is never tried
+        auto, auto_state = causal_linear_attention(q, k, v, mask, output_final_state=True, backend="auto")
+    ref, ref_state = causal_linear_attention(q, k, v, mask, output_final_state=True, backend="torch")
+    assert calls == []
+    assert torch.equal(auto, ref) and torch.equal(auto_state.S, ref_state.S) and torch.equal(auto_state.z, ref_state.z)
+    with pytest.raises(AssertionError, match="fla's kernel was called"):
+        causal_linear_attention(q, k, v, mask, backend="fla")
+    assert calls == ["fla"]
 
 
 def test_fla_backend_refuses_clearly_where_it_cannot_run() -> None:

@@ -63,7 +63,8 @@ class T2RConfig(FairseqDataclass):
         default="auto",
         metadata={
             "help": "chunkwise causal attention implementation: torch (pure torch, any device), fla (fla's Triton "
-            "kernel; needs CUDA and `pip install -e .[fla]`), auto (fla where it can run, torch elsewhere)"
+            "kernel; needs CUDA and `pip install -e .[fla]`; not yet verified on a GPU), auto (torch for now: it "
+            "will pick fla only once fla's kernel is verified on a GPU)"
         },
     )
     linear_eps: float = field(

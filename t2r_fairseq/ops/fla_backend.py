@@ -12,7 +12,11 @@ as :func:`t2r_fairseq.ops.linear_attention.causal_linear_attention`'s torch
 path (tests compare them where CUDA and fla are present).
 
 Install with ``pip install -e '.[fla]'`` on a CUDA machine. fla's Triton kernels
-need a GPU; on the CPU, or when fla is absent, callers get the torch path.
+need a GPU; on the CPU, or when fla is absent, ``backend="fla"`` refuses with one
+line. This kernel has not been verified on a GPU yet (on an H200 its first call,
+the Triton compilation, had not returned after 95 s), so only an explicit
+``backend="fla"`` (``--linear-kernel fla``) calls it; ``"auto"`` is the torch path
+until :data:`t2r_fairseq.ops.linear_attention.FLA_VERIFIED` is set.
 """
 
 from __future__ import annotations

@@ -41,7 +41,22 @@ from torch import Tensor
 DEFAULT_EPS = 1e-2
 DEFAULT_CHUNK_SIZE = 64
 BACKENDS = ("auto", "torch", "fla")
+# Whether backend="auto" may pick fla's kernel. False until a GPU run has checked it: set it (or narrow
+# _auto_uses_fla to the devices and shapes measured) after the GPU oracle tests of issue 32 pass, i.e. fla's
+# kernel equals the torch path and is faster there. Unverified, its first call on an H200 (Triton compilation)
+# had not returned after 95 s, so "auto" must not walk users into it.
+FLA_VERIFIED = False
 _fla_broken: Optional[str] = None  # set when fla failed once under backend="auto"; the torch path is used after
+
+
+def _auto_uses_fla(q: Tensor) -> bool:
+    """Whether ``backend="auto"`` tries fla for this call: the one place a verified GPU run changes.
+
+    Today it is the pure-torch path everywhere (``FLA_VERIFIED`` is False); once fla is verified this is where
+    the choice by device (and, if measured so, by shape) goes. Where fla is chosen but cannot run, or fails,
+    :func:`_try_fla` still falls back to torch.
+    """
+    return FLA_VERIFIED and q.device.type == "cuda"
 
 
 class LinearAttentionState(NamedTuple):
@@ -133,10 +148,11 @@ def causal_linear_attention(
 
     ``backend``: ``"torch"`` is the pure-torch computation below (any device);
     ``"fla"`` runs fla's fused Triton kernel (CUDA with the ``fla`` package;
-    an error otherwise); ``"auto"`` uses fla where it can run and torch
-    elsewhere, and falls back to torch for good (with one warning) if the fla
-    call fails. Both compute the same function; ``chunk_size`` applies to torch,
-    and sequences shorter than the head count always take the torch path.
+    an error otherwise); ``"auto"`` is the torch path until fla's kernel is
+    verified on a GPU (:data:`FLA_VERIFIED`, :func:`_auto_uses_fla`), after which
+    it uses fla where chosen and falls back to torch for good (with one warning)
+    if the fla call fails. Both compute the same function; ``chunk_size`` applies
+    to torch, and sequences shorter than the head count always take the torch path.
 
     The sequence is cut into ``N = ceil(L / C)`` chunks of ``C = chunk_size``.
     Inside a chunk the contribution is the masked ``C x C`` product
@@ -150,7 +166,7 @@ def causal_linear_attention(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown linear-attention backend {backend!r}; valid: {', '.join(BACKENDS)}")
-    if backend != "torch":
+    if backend == "fla" or (backend == "auto" and _auto_uses_fla(q)):
         fused = _try_fla(q, k, v, key_padding_mask, initial_state, output_final_state, eps, required=backend == "fla")
         if fused is not None:
             return fused
