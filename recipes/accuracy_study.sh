@@ -200,7 +200,7 @@ evaluate() {  # evaluate NAME KIND CHECKPOINT POINT SUBSET
   else
     local ref=$M30K/$([[ $subset == test ]] && echo test_2016_flickr || ([[ $subset == test1 ]] && echo test_2017_flickr || echo val)).de
     fairseq-generate "$OUT/data-bin/mt" --user-dir "$ROOT/t2r_fairseq" --path "$ck" "${DEV[@]}" --beam 4 --max-tokens 8192 \
-      --max-len-a 1.2 --max-len-b 10 --required-batch-size-multiple 1 --gen-subset "$subset" \
+      --max-len-a 1.2 --max-len-b 10 --required-batch-size-multiple 1 --distributed-world-size 1 --gen-subset "$subset" \
       --post-process sentencepiece > "$tmp" 2>&1
     python -m t2r_fairseq.tools.sacrebleu_from_generate "$tmp" --ref "$ref" >> "$tmp"
   fi

@@ -159,7 +159,7 @@ if has_stage eval; then
       say "generate $name (beam 4, sacreBLEU on detokenised sentencepiece output)"
       fairseq-generate "$OUT/data-bin/mt" --user-dir "$ROOT/t2r_fairseq" --path "$ck.mt/checkpoint_last.pt" --cpu \
         --beam 4 --max-tokens 4096 --required-batch-size-multiple 1 --gen-subset test --post-process sentencepiece "${GEN_LEN[@]}" \
-        --scoring sacrebleu > "$OUT/eval/$name.mt.log" 2>&1
+        --scoring sacrebleu --distributed-world-size 1 > "$OUT/eval/$name.mt.log" 2>&1
       python -m t2r_fairseq.tools.sacrebleu_from_generate "$OUT/eval/$name.mt.log" | tee -a "$OUT/eval/$name.mt.log"
     fi
   done

@@ -27,7 +27,7 @@ has() { [[ ",$2," == *",$1,"* ]]; }
 LM_EVAL=(--user-dir "$ROOT/t2r_fairseq" --cpu --gen-subset test --tokens-per-sample "$LM_TPS" --max-tokens 4096
          --required-batch-size-multiple 1 --num-workers 0)
 MT_EVAL=(--user-dir "$ROOT/t2r_fairseq" --cpu --gen-subset test --beam 4 --max-tokens 4096 --post-process sentencepiece
-         --scoring sacrebleu --required-batch-size-multiple 1 --num-workers 0)
+         --scoring sacrebleu --required-batch-size-multiple 1 --distributed-world-size 1 --num-workers 0)
 
 # row NAME TASK TOOL CHECKPOINT [OVERRIDES]
 row() {
