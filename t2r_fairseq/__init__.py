@@ -33,6 +33,9 @@ make_checkpoint_copies_atomic()
 surface_swap_errors_in_trainer()
 
 from t2r_fairseq.models import t2r_transformer, t2r_transformer_lm  # noqa: E402,F401  (registration)
+from t2r_fairseq.models.step_scale import install_in_trainer  # noqa: E402
+
+install_in_trainer()  # --feature-map-lr-scale: the maps' optimizer step is s times the optimizer's
 from t2r_fairseq.criterions import attention_transfer  # noqa: E402,F401  (registration)
 
 # Top-k attention (Gupta et al. 2021): models that evaluate a softmax checkpoint with no new tensors.

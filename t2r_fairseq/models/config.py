@@ -50,8 +50,9 @@ class T2RConfig(FairseqDataclass):
         default=DEFAULT_FEATURE_MAP_LR_SCALE,
         metadata={
             "help": "learning-rate multiplier of the feature maps: after the swap they are the only parameters "
-            "that start from scratch, while everything else is pretrained (exact for Adam; checkpoints hold the "
-            "effective weights, so this is a training choice, not part of the model). 8 measured better than 1 "
+            "that start from scratch, while everything else is pretrained: their optimizer step is this many times "
+            "the optimizer's, exactly, for every fairseq optimizer, schedule and --clip-norm (checkpoints hold "
+            "the effective weights, so this is a training choice, not part of the model). 8 measured better than 1 "
             "(the paper) on both tasks of docs/RESULTS.md; 1 reproduces the paper"
         },
     )

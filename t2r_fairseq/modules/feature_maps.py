@@ -24,16 +24,13 @@ alone and fairseq's ``scripts/average_checkpoints.py`` (which integer-divides
 non-float tensors) keeps it exact.
 
 Learning-rate scale. After a swap the maps are the only parameters that start
-from scratch: everything else is pretrained and wants a small finetuning
-learning rate, while Adam moves each weight by about the learning rate per
-step, so a few hundred steps barely move a freshly initialised map. A map built
-with ``lr_scale = s`` stores its learned parameters divided by ``s`` and
-multiplies them back in :meth:`FeatureMap.learned`; for Adam (whose steps do
-not depend on the gradient's scale) that is exactly a learning rate ``s`` times
-the optimizer's for the map alone, with any fairseq optimizer and schedule, no
-param groups. ``state_dict`` holds the *effective* weights, so a checkpoint
-means the same function whatever ``s`` it is loaded with (``s`` is a training
-choice, not part of the model).
+from scratch; ``lr_scale = s`` (``--feature-map-lr-scale``) asks for their
+optimizer step to be ``s`` times the one the optimizer computes. The map only
+records ``s``; :mod:`t2r_fairseq.models.step_scale` applies it to the optimizer
+fairseq builds, exactly for every optimizer and schedule. Parameters are always
+stored as their effective values, so a checkpoint means the same function
+whatever ``s`` it is loaded with (``s`` is a training choice, not part of the
+model).
 """
 
 from __future__ import annotations
@@ -159,32 +156,8 @@ class FeatureMap(nn.Module):
     # -- learning-rate scale (see the module docstring) ------------------------
 
     def set_lr_scale(self, lr_scale: float) -> None:
-        """Re-express the stored parameters for ``lr_scale``; the function computed does not change."""
-        with torch.no_grad():
-            for p in self._parameters.values():
-                if p is not None:
-                    p.mul_(self.lr_scale / lr_scale)
+        """Record the step multiplier for :mod:`t2r_fairseq.models.step_scale`; the stored weights do not change."""
         self.lr_scale = float(lr_scale)
-
-    def learned(self, name: str) -> Tensor:
-        """The effective value of learned parameter ``name`` (stored value times the lr scale)."""
-        p = getattr(self, name)
-        return p if self.lr_scale == 1.0 else p * self.lr_scale
-
-    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.lr_scale != 1.0:
-            for name, p in self._parameters.items():
-                if p is not None:
-                    destination[prefix + name] = (p if keep_vars else p.detach()) * self.lr_scale
-
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:  # type: ignore[override]
-        if self.lr_scale != 1.0:  # checkpoints hold effective weights; store them divided by the scale
-            state_dict = {
-                k: (v / self.lr_scale if k[len(prefix):] in self._parameters else v)
-                for k, v in state_dict.items() if k.startswith(prefix)
-            }
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def affine_prefix(self, is_query: bool = True) -> tuple[Tensor, Tensor | None] | None:
         """``(weight [H, k, d], bias [H, k] | None)`` when the map starts with a per-head affine layer.
@@ -257,7 +230,7 @@ class T2RFeatureMap(FeatureMap):
         return self.activate(per_head_linear(x, *self.affine_prefix(is_query)), is_query)
 
     def affine_prefix(self, is_query: bool = True) -> tuple[Tensor, Tensor | None]:
-        return self.learned("weight"), self.learned("bias")
+        return self.weight, self.bias
 
     def activate(self, u: Tensor, is_query: bool) -> Tensor:
         return F.relu(u)
@@ -289,7 +262,7 @@ class T2RQKFeatureMap(T2RFeatureMap):
     def affine_prefix(self, is_query: bool = True) -> tuple[Tensor, Tensor | None]:
         if is_query:
             return super().affine_prefix(is_query)
-        return self.learned("key_weight"), self.learned("key_bias")
+        return self.key_weight, self.key_bias
 
 
 @register_feature_map("elu")
@@ -322,7 +295,7 @@ class RandomFourierFeatureMap(FeatureMap):
         self.inv_sigma = nn.Parameter(torch.ones(num_heads))
 
     def forward(self, x: Tensor, is_query: bool) -> Tensor:
-        x = F.normalize(x, dim=-1) * self.learned("inv_sigma").to(x.dtype).view(-1, 1, 1)
+        x = F.normalize(x, dim=-1) * self.inv_sigma.to(x.dtype).view(-1, 1, 1)
         wx = per_head_linear(x, self.projection)
         return torch.cat([torch.sin(wx), torch.cos(wx)], dim=-1) * self.feature_size**-0.5
 
@@ -388,7 +361,7 @@ class HedgehogFeatureMap(FeatureMap):
         return self.activate(per_head_linear(x, *self.affine_prefix(is_query)), is_query)
 
     def affine_prefix(self, is_query: bool = True) -> tuple[Tensor, Tensor | None]:
-        return self.learned("weight"), self.learned("bias")
+        return self.weight, self.bias
 
     def activate(self, u: Tensor, is_query: bool) -> Tensor:
         return torch.cat([torch.softmax(u, dim=-1), torch.softmax(-u, dim=-1)], dim=-1)
