@@ -32,6 +32,18 @@ which keeps it near the function it was converted from. It costs one teacher
 forward per batch (no backward); ``--transfer-weight 0 --distill-weight a`` is
 distillation alone. Logged as ``distill`` (nats per token).
 
+Memory over large vocabularies: with distillation, or with an adaptive softmax
+(WikiText-103's 267k words), the task loss and the KL are computed a bounded
+number of target positions at a time from the decoders' outputs, each chunk's
+log-probabilities recomputed in the backward pass
+(:func:`t2r_fairseq.ops.distillation.chunked_token_losses`), so no
+``[tokens, V]`` log-probability tensor of the whole batch exists, for the
+teacher or the model. This is also what lets an adaptive-softmax LM use this
+criterion at all: fairseq's ``AdaptiveSoftmax.get_log_prob``, which the
+label-smoothed criterion calls, is inference-only (it edits the output of its
+log-softmax in place, so the first backward fails); the adaptive log-probabilities
+are computed here from the same head and tail modules, out of place.
+
 Per-layer transfer losses are logged as fairseq metrics (``at_dec0_self``,
 ``at_dec0_cross``, ``at_enc0_self``, ... and their mean ``transfer``), so they
 appear in the progress output, in validation and in ``--tensorboard-logdir``.
@@ -61,6 +73,8 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
     label_smoothed_nll_loss,
 )
 from fairseq.dataclass import ChoiceEnum
+from fairseq.models import BaseFairseqModel, FairseqDecoder
+from fairseq.models.transformer import TransformerModelBase
 from omegaconf import II
 from torch import Tensor, nn
 
@@ -68,7 +82,7 @@ from t2r_fairseq.models.layers import T2RTransformerDecoder
 from t2r_fairseq.modules.linear_multihead_attention import LinearMultiheadAttention
 from t2r_fairseq.modules.softmax_teacher import SoftmaxAttentionTeacher, TeacherLoadError
 from t2r_fairseq.ops.attention_transfer import attention_entropy, attention_kl, output_mse
-from t2r_fairseq.ops.distillation import token_kl
+from t2r_fairseq.ops.distillation import LogProbs, chunk_positions, chunked_token_losses, token_kl
 from t2r_fairseq.swap import NEW_TENSOR_PATTERN
 
 logger = logging.getLogger(__name__)
@@ -240,6 +254,69 @@ def validate_transfer_options(
             raise TransferOptionError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
 
 
+def _unwrapped_model(model: nn.Module) -> nn.Module:
+    """The fairseq model inside distributed / proxy wrappers (they keep it as ``.module``)."""
+    while not isinstance(model, BaseFairseqModel) and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
+def adaptive_log_probs(adaptive_softmax: nn.Module, features: Tensor) -> Tensor:
+    """Full-vocabulary fp32 log-probabilities ``[n, V]`` of an adaptive softmax, from ``features [n, d]``.
+
+    The same function as fairseq's ``AdaptiveSoftmax.get_log_prob`` (head
+    log-softmax over the frequent words and the cluster priors; each tail
+    cluster's log-softmax plus its prior), written out of place so that autograd
+    can differentiate it -- fairseq's adds the priors into the log-softmax's own
+    output, which its backward needs. Like the module's training ``forward``,
+    its input dropout applies in training mode.
+    """
+    cutoff = adaptive_softmax.cutoff
+    if cutoff[-1] != adaptive_softmax.vocab_size:
+        raise ValueError(f"adaptive softmax cutoffs {cutoff} do not end at its vocabulary size "
+                         f"{adaptive_softmax.vocab_size}")
+    x = adaptive_softmax.dropout_module(features)
+    head = F.log_softmax(adaptive_softmax.head(x), dim=-1, dtype=torch.float32)  # [n, cutoff[0] + clusters]
+    parts = [head[:, : cutoff[0]]]
+    for i, tail in enumerate(adaptive_softmax.tail):
+        parts.append(F.log_softmax(tail(x), dim=-1, dtype=torch.float32) + head[:, cutoff[0] + i, None])
+    return torch.cat(parts, dim=-1)
+
+
+_STANDARD_NORMALIZERS = (BaseFairseqModel.get_normalized_probs, TransformerModelBase.get_normalized_probs)
+
+
+def position_log_probs(model: nn.Module) -> Optional[LogProbs]:
+    """``f(out [n, ...]) -> [n, V]`` log-probabilities from the decoder's output at ``n`` positions, or None.
+
+    Chunking over positions is exact only when the model normalises each
+    position on its own from its decoder output, as fairseq's transformer
+    decoders do (``log_softmax`` of the logits, or the adaptive softmax of the
+    features). A model that overrides ``get_normalized_probs`` (e.g. one that
+    mixes in a copy distribution from other outputs) gets None: the criterion
+    then keeps fairseq's whole-batch path.
+    """
+    model = _unwrapped_model(model)
+    decoder = getattr(model, "decoder", None)
+    if (
+        not isinstance(decoder, FairseqDecoder)
+        or type(model).get_normalized_probs not in _STANDARD_NORMALIZERS
+        or type(model).get_normalized_probs_scriptable is not BaseFairseqModel.get_normalized_probs_scriptable
+        or type(decoder).get_normalized_probs is not FairseqDecoder.get_normalized_probs
+        or type(decoder).get_normalized_probs_scriptable is not FairseqDecoder.get_normalized_probs_scriptable
+    ):
+        return None
+    adaptive = getattr(decoder, "adaptive_softmax", None)
+    if adaptive is not None:
+        return lambda out: adaptive_log_probs(adaptive, out)
+    return lambda out: F.log_softmax(out, dim=-1, dtype=torch.float32)  # = fairseq.utils.log_softmax
+
+
+def has_adaptive_softmax(model: nn.Module) -> bool:
+    """Whether the model's decoder ends in an adaptive softmax (its output is features, not logits)."""
+    return getattr(getattr(_unwrapped_model(model), "decoder", None), "adaptive_softmax", None) is not None
+
+
 def _unwrapped_name(name: str) -> str:
     """Strip the ``module.`` prefixes that distributed / FSDP wrappers add."""
     while name.startswith("module."):
@@ -250,6 +327,10 @@ def _unwrapped_name(name: str) -> str:
 @register_criterion("t2r_attention_transfer", dataclass=AttentionTransferConfig)
 class AttentionTransferCriterion(LabelSmoothedCrossEntropyCriterion):
     """Label-smoothed cross-entropy plus per-layer attention transfer from the frozen softmax teacher."""
+
+    # Most log-probabilities [positions, V] one chunk of the chunked losses holds (fp32: 64 MiB): a few hundred
+    # positions for a 30-50k BPE vocabulary, ~60 for WikiText-103's 267k words.
+    loss_chunk_elements: int = 2**24
 
     def __init__(
         self,
@@ -469,20 +550,42 @@ class AttentionTransferCriterion(LabelSmoothedCrossEntropyCriterion):
         # Distillation joins the task loss after the transfer-only stage; validation reports it when the
         # teacher is at hand (fairseq-validate on a finished model needs no teacher).
         distill = self.distill_weight > 0 and not transfer_only and (training or bool(self._whole_teacher))
-        teacher_lprobs = None
-        if distill:
+        teacher = self.teacher_model(model) if distill else None
+        # Chunked losses (bounded memory) where the vocabulary dimension is the cost: distillation (two [N, V]
+        # distributions and the KL's temporaries) and adaptive softmax (features, not logits, come out of the
+        # model); other runs keep fairseq's own whole-batch task loss.
+        student_fn = position_log_probs(model) if distill or has_adaptive_softmax(model) else None
+        teacher_fn = position_log_probs(teacher) if teacher is not None else None
+        chunked = student_fn is not None and (teacher is None or teacher_fn is not None)
+        teacher_out = teacher_lprobs = None
+        if teacher is not None:
             with torch.no_grad():
-                teacher = self.teacher_model(model)
-                teacher_lprobs, _ = self.get_lprobs_and_target(teacher, teacher(**sample["net_input"]), sample)
+                if chunked:
+                    teacher_out = self._positions(teacher(**sample["net_input"])[0])
+                else:
+                    teacher_lprobs, _ = self.get_lprobs_and_target(teacher, teacher(**sample["net_input"]), sample)
         self._query_mask = sample["target"].ne(self.padding_idx)
         self._records = {} if transfer else None
+        kd: Optional[Tensor] = None
         try:
             with torch.no_grad() if transfer_only else nullcontext():
                 net_output = model(**sample["net_input"])
-                lprobs, target = self.get_lprobs_and_target(model, net_output, sample)  # = compute_loss's
-                task_loss, nll_loss = label_smoothed_nll_loss(
-                    lprobs, target, self.eps, ignore_index=self.padding_idx, reduce=True
-                )
+                target = self._positions(model.get_targets(sample, net_output))
+                if chunked:
+                    out = self._positions(net_output[0])
+                    vocab = len(self.task.target_dictionary) if has_adaptive_softmax(model) else out.size(-1)
+                    losses = chunked_token_losses(
+                        out, target, student_fn, self.eps, self.padding_idx,
+                        chunk_positions(vocab, self.loss_chunk_elements), teacher_out, teacher_fn,
+                    )
+                    task_loss, nll_loss, kd = losses.loss, losses.nll_loss, losses.kl
+                else:
+                    lprobs, target = self.get_lprobs_and_target(model, net_output, sample)  # = compute_loss's
+                    task_loss, nll_loss = label_smoothed_nll_loss(
+                        lprobs, target, self.eps, ignore_index=self.padding_idx, reduce=True
+                    )
+                    if teacher_lprobs is not None:
+                        kd = token_kl(teacher_lprobs, lprobs, target.ne(self.padding_idx))
             records = self._records or {}
         finally:
             self._records, self._query_mask, self._transfer_only, self._needs_grad = None, None, False, False
@@ -496,8 +599,7 @@ class AttentionTransferCriterion(LabelSmoothedCrossEntropyCriterion):
             "sample_size": sample_size,
         }
         loss = task_loss
-        if teacher_lprobs is not None:
-            kd = token_kl(teacher_lprobs, lprobs, target.ne(self.padding_idx))
+        if kd is not None:
             logging_output["distill"] = kd.data
             if training:
                 loss = (1.0 - self.distill_weight) * task_loss + self.distill_weight * kd
@@ -527,6 +629,11 @@ class AttentionTransferCriterion(LabelSmoothedCrossEntropyCriterion):
             logging_output["n_correct"] = n_correct.data
             logging_output["total"] = total.data
         return loss, sample_size, logging_output
+
+    def _positions(self, tensor: Tensor) -> Tensor:
+        """``[B, T, ...] -> [B * (T - ignore_prefix_size), ...]``: the target positions, as get_lprobs_and_target."""
+        tensor = tensor[:, self.ignore_prefix_size:] if self.ignore_prefix_size > 0 else tensor
+        return tensor.reshape(-1, *tensor.shape[2:])
 
     @classmethod
     def reduce_metrics(cls, logging_outputs: List[Dict[str, Any]]) -> None:
