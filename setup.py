@@ -18,9 +18,10 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["t2r_fairseq", "t2r_fairseq.*"]),
     install_requires=[
-        # torch: any 2.x that fairseq-fixed accepts; scripts/setup.sh pins the CPU
-        # build (torch==2.13.0) unless a torch is already installed in the venv.
-        "torch>=2.1,<3",
+        # torch: 2.4 is the first with torch.serialization.add_safe_globals, without which fairseq
+        # checkpoints cannot be loaded safely (t2r_fairseq.fairseq_compat.MIN_TORCH refuses older at
+        # import); scripts/setup.sh pins the CPU build (torch==2.13.0) unless the venv already has a torch.
+        "torch>=2.4,<3",
         "fairseq-fixed==0.12.3.1",
         "hydra-core==1.3.2",
         "omegaconf==2.3.0",

@@ -186,8 +186,8 @@ def name_path_in_checkpoint_errors() -> None:
     """
     from fairseq import checkpoint_utils
 
-    if getattr(torch.serialization, "add_safe_globals", None) is not None:  # else fairseq configs cannot load safely
-        checkpoint_utils.torch = _SafeLoadingTorch("torch")  # type: ignore[attr-defined]
+    # Unconditional: fairseq_compat refuses, at import, a torch too old to load fairseq's configs safely.
+    checkpoint_utils.torch = _SafeLoadingTorch("torch")  # type: ignore[attr-defined]
 
     def name_the_file(original: Callable[..., Any]) -> Callable[..., Any]:
         def load_checkpoint_to_cpu(path: str, *args: Any, **kwargs: Any) -> Any:
