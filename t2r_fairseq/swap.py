@@ -9,6 +9,12 @@ no separate conversion step:
 * a checkpoint that lacks exactly the feature-map tensors is a softmax teacher:
   every tensor it has is reused verbatim, the feature maps keep their fresh
   initialisation, and one summary line is logged;
+* a checkpoint that has some linear-attention tensors is a T2R checkpoint, not a
+  teacher: if it lacks the feature maps of some of this model's layers (it was
+  trained with ``--softmax-cross-attention``, or without ``--swap-encoder``), the
+  load stops with one line naming those layers and the flag that rebuilds the
+  model as it was trained -- starting maps fresh in a trained T2R model is only
+  done on request, with ``--reset-feature-maps`` (:func:`partial_swap_message`);
 * a checkpoint that has them is a T2R checkpoint: a normal strict load, after
   checking that its feature maps are the ones this model builds. Shapes cannot
   tell (T2R's and Hedgehog's tensors coincide), so each map carries an integer
@@ -183,6 +189,36 @@ def _window_message(module: str, ckpt_w: Optional[int], own_w: Optional[int]) ->
         f"checkpoint was trained with --sliding-window {ckpt_w} but this model builds --sliding-window {own_w} "
         f"({_fold(module)}): build it with --sliding-window {ckpt_w} (its window factors were trained for that window)"
     )
+
+
+def partial_swap_message(absent: List[str]) -> str:
+    """One line for a T2R checkpoint without feature maps for the attention modules ``absent`` of this model.
+
+    Such a checkpoint is not a softmax teacher: the layers it has maps for were
+    finetuned as linear attention, the others as softmax, so fresh maps there
+    would silently change a trained model. The usual cause is a translation
+    checkpoint trained with ``--softmax-cross-attention`` (or without
+    ``--swap-encoder``) loaded into a model built without (with) it.
+    """
+    cross = [m for m in absent if m.endswith(".encoder_attn.feature_map")]
+    encoder = [m for m in absent if m.startswith("encoder.")]
+    places = _groups(m[: -len(".feature_map")] for m in absent)
+    fix = "--reset-feature-maps to start new feature maps there on purpose"
+    if absent == cross:
+        return (f"the checkpoint is a T2R checkpoint whose decoder cross-attention stayed softmax (trained with "
+                f"--softmax-cross-attention: no feature maps for {places}) but this model's cross-attention is "
+                f"linear: build it with --softmax-cross-attention, or pass {fix}")
+    if absent == encoder:
+        return (f"the checkpoint is a T2R checkpoint whose encoder self-attention stayed softmax (trained without "
+                f"--swap-encoder: no feature maps for {places}) but this model's encoder is linear: build it without "
+                f"--swap-encoder, or pass {fix}")
+    if sorted(absent) == sorted(cross + encoder):
+        return (f"the checkpoint is a T2R checkpoint whose encoder self-attention and decoder cross-attention stayed "
+                f"softmax (no feature maps for {places}) but this model's are linear: build it with "
+                f"--softmax-cross-attention and without --swap-encoder, or pass {fix}")
+    return (f"the checkpoint is a T2R checkpoint (it has linear-attention tensors) but has no feature maps for "
+            f"{places}, so it is not a softmax teacher to swap: build this model with the flags the checkpoint was "
+            f"trained with (python -m t2r_fairseq.tools.arch_flags {CHECKPOINT} prints them), or pass {fix}")
 
 
 # -- diagnosis -------------------------------------------------------------------------------
@@ -400,6 +436,15 @@ def plan_swap(
     ]
     if evidence or unexpected or bad_missing:
         raise SwapError(diagnose(model_state, checkpoint_state, evidence))
+
+    # 4. A T2R checkpoint is not a teacher: maps it lacks are started fresh only on request.
+    absent = sorted({_feature_map_module(n) for n in missing} - {None} - set(reset) - present)
+    if absent and not plan.from_softmax:
+        if not reset_feature_maps:
+            raise SwapError(partial_swap_message(absent))
+        note = (f"--reset-feature-maps: new feature maps in {len(absent)} attention layers the T2R checkpoint has "
+                f"none for ({_groups(m[: -len('.feature_map')] for m in absent)})")
+        plan.reset_note = f"{plan.reset_note}; {note}" if plan.reset_note else note
     for name in missing:
         (plan.records if RECORD_PATTERN.search(name) else plan.new).append(name)
     return plan

@@ -294,8 +294,11 @@ def test_mt_structure_differences_name_the_flag(tmp_path):
     with pytest.raises(SwapError, match=r"^the checkpoint's cross-attention is linear but this model keeps it "
                                          r"softmax: build it without --softmax-cross-attention"):
         soft_cross.load_state_dict(plain.state_dict())
-    # The other way round is a swap of the attention the checkpoint kept softmax: allowed, and reported.
-    plan = plan_swap(enc.state_dict(), plain.state_dict())
+    # The other way round would start fresh maps in a trained T2R model: refused unless asked for (test_partial_swap).
+    with pytest.raises(SwapError, match=r"^the checkpoint is a T2R checkpoint whose encoder self-attention stayed "
+                                         r"softmax \(trained without --swap-encoder"):
+        plan_swap(enc.state_dict(), plain.state_dict())
+    plan = plan_swap(enc.state_dict(), plain.state_dict(), reset_feature_maps=True)
     assert not plan.from_softmax and {re.sub(r"\.\d+\.", ".*.", n) for n in plan.new} == {
         f"encoder.layers.*.self_attn.feature_map.{p}" for p in ("weight", "bias", "key_weight", "key_bias")}
     _, _, lm_model = build_lm(tmp_path / "d", extra=K8)
