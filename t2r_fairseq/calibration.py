@@ -1,29 +1,45 @@
-"""Calibrate a freshly swapped model's feature maps to its teacher's attention, before any finetuning.
+"""Calibrate a freshly swapped model's attention to its teacher's, before any finetuning.
 
 Right after the swap the feature maps are random: a T2R map gives nearly uniform
 attention (its bias dominates the scaled query), so the first hundreds of
 finetuning updates are spent re-learning where to attend, and a short budget
 ends below the teacher. The teacher's attention is however fully known at that
 moment -- the swapped layers still hold the teacher's projections -- so each
-layer's map can be fitted to it directly, layer by layer, on a few batches:
+layer's new tensors can be fitted to it directly, layer by layer, on a few batches.
+For each swapped layer in turn:
 
-1. run the model once with every swapped layer computing the softmax attention
-   it replaced (``softmax_teacher_mode``): the captured layer inputs are exactly
-   the teacher's;
-2. per layer, fit only the feature map with Adam to minimise
-   ``KL(softmax weights || normalised linear weights)`` (Hedgehog's attention
-   cross-entropy) on those inputs. Each step costs one layer's attention, not a
-   model forward, so hundreds of steps take seconds.
+1. run the model with every swapped layer computing the softmax attention it
+   replaced (``softmax_teacher_mode``) and capture *this* layer's projected q/k
+   and masks; the forward stops right after the layer. Its inputs are exactly the
+   teacher's: teacher mode does not read the tensors being fitted, so fitting the
+   layers before it changed nothing upstream;
+2. fit the layer's new tensors -- the ones the swap adds (``swap.NEW_TENSOR_PATTERN``):
+   the feature map, and for the sliding-window hybrid its mixing factor
+   ``window_logit`` -- with Adam to minimise ``KL(softmax weights || the layer's own
+   weights)`` (Hedgehog's attention cross-entropy). The layer's weights come from its
+   :meth:`~LinearMultiheadAttention.attention_weights`, the one source that attention
+   transfer and ``tools.attention_gap`` also use, so the KL printed is the model's
+   (for the hybrid: softmax window, linear rest and the mixing factor). Each step
+   costs one layer's attention, not a model forward.
 
-Nothing else changes: projections, FFNs and embeddings keep the teacher's
-values bit for bit. Maps without parameters (elu, performer) are left as they
-are and reported. Used by ``python -m t2r_fairseq.tools.convert``.
+Memory: held at any time are one layer's q and k (``[B, H, T|S, d]`` each) for the
+calibration batches, plus masks. The teacher's fp32 ``[B, H, T, S]`` weights are
+recomputed at each step for that step's batch and freed after it, beside the
+student's weights and their gradients: one batch's ``[B, H, T, S]`` at a time, never
+every layer's or every batch's. Cost: per layer, one teacher-mode forward per batch,
+cut off after that layer (L forwards instead of 1, about half a model each), plus a
+teacher softmax per step on top of the student's weights; the steps dominate.
+
+Nothing else changes: projections, FFNs and embeddings keep the teacher's values
+bit for bit. Layers without trainable new tensors (elu, performer maps) are only
+measured and reported. Used by ``python -m t2r_fairseq.tools.convert``.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -33,7 +49,7 @@ from torch import Tensor, nn
 
 from t2r_fairseq.modules.linear_multihead_attention import LinearMultiheadAttention
 from t2r_fairseq.ops.attention_transfer import attention_entropy, attention_kl, softmax_attention_weights
-from t2r_fairseq.ops.linear_attention import linear_attention_weights
+from t2r_fairseq.swap import NEW_TENSOR_PATTERN
 
 logger = logging.getLogger(__name__)
 _SIGNATURE = inspect.signature(LinearMultiheadAttention.forward)
@@ -50,18 +66,24 @@ class LayerCalibration:
     entropy_before: float
     entropy_after: float
     steps: int
+    seconds: float = 0.0  # wall time of this layer: capture, fit and both measurements
 
     def line(self) -> str:
         return (
             f"{self.name}: KL {self.kl_before:.3f} -> {self.kl_after:.3f}, entropy {self.entropy_before:.2f} -> "
-            f"{self.entropy_after:.2f} (teacher {self.entropy_teacher:.2f}), {self.steps} steps"
+            f"{self.entropy_after:.2f} (teacher {self.entropy_teacher:.2f}), {self.steps} steps, {self.seconds:.1f} s"
         )
+
+
+def swapped_attentions(model: nn.Module) -> List[Tuple[str, LinearMultiheadAttention]]:
+    """``(name, module)`` of every swapped attention of ``model``, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LinearMultiheadAttention)]
 
 
 @contextmanager
 def softmax_teacher_mode(model: nn.Module) -> Iterator[List[Tuple[str, LinearMultiheadAttention]]]:
     """Every swapped attention of ``model`` computes its teacher's softmax attention inside the block."""
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LinearMultiheadAttention)]
+    layers = swapped_attentions(model)
     for _, m in layers:
         m.softmax_teacher_mode = True
     try:
@@ -72,76 +94,116 @@ def softmax_teacher_mode(model: nn.Module) -> Iterator[List[Tuple[str, LinearMul
 
 
 @dataclass
-class _Inputs:
+class LayerInputs:
+    """One layer's teacher-exact inputs on one batch; the teacher's weights are recomputed, not stored."""
+
     q: Tensor  # [B, H, T, d], scaled like the teacher's
     k: Tensor  # [B, H, S, d]
     key_padding_mask: Optional[Tensor]
     query_mask: Optional[Tensor]  # [B, T] True at real query positions
-    teacher: Tensor  # softmax weights [B, H, T, S]
+
+    def teacher(self, module: LinearMultiheadAttention) -> Tensor:
+        """The teacher's softmax weights ``[B, H, T, S]`` (fp32)."""
+        return softmax_attention_weights(self.q, self.k, self.key_padding_mask, causal=module.causal)
+
+    def student(self, module: LinearMultiheadAttention) -> Tensor:
+        """The layer's own weights ``[B, H, T, S]``: whatever its attention function is (linear, hybrid)."""
+        fm = module.feature_map
+        return module.attention_weights(
+            fm(self.q, is_query=True), fm(self.k, is_query=False), self.key_padding_mask, q=self.q, k=self.k
+        )
 
 
-def capture_teacher_inputs(
-    model: nn.Module, batches: Sequence[Dict[str, Any]], query_masks: Sequence[Optional[Tensor]]
-) -> Dict[str, List[_Inputs]]:
-    """Per swapped layer, the projected q/k and the teacher's weights on each batch (teacher-exact inputs).
+class _LayerDone(Exception):
+    """Raised by the capture hook: nothing after the captured layer is needed."""
+
+
+def capture_layer_inputs(
+    model: nn.Module,
+    module: LinearMultiheadAttention,
+    batches: Sequence[Dict[str, Any]],
+    query_masks: Sequence[Optional[Tensor]],
+) -> List[LayerInputs]:
+    """``module``'s projected q/k on each batch, with every swapped layer in teacher mode (teacher-exact inputs).
 
     ``batches`` are fairseq ``net_input`` dicts; ``query_masks[i]`` marks the real
-    target (decoder) positions of batch ``i`` ``[B, T]``.
+    target (decoder) positions of batch ``i`` ``[B, T]``. Only this layer is
+    hooked, and each forward stops once it has run: one layer's captures at a time.
     """
-    captured: Dict[str, List[_Inputs]] = {}
+    captured: List[LayerInputs] = []
     current: Dict[str, Optional[Tensor]] = {"qmask": None}
 
-    def hook(name: str):
-        def fn(module: LinearMultiheadAttention, args: tuple, kwargs: dict, output: Any) -> None:
-            call = _SIGNATURE.bind(module, *args, **kwargs).arguments
-            query = call["query"]
-            key = query if call.get("key") is None else call["key"]
-            kpm = call.get("key_padding_mask")
-            kpm = kpm.to(torch.bool) if kpm is not None else None
-            q, k, _ = module.project(query, key, key)
-            if module.causal or module.encoder_decoder_attention:
-                qmask = current["qmask"]
-            else:  # bidirectional encoder self-attention: queries are the source positions
-                qmask = ~kpm if kpm is not None else None
-            teacher = softmax_attention_weights(q, k, kpm, causal=module.causal)
-            captured.setdefault(name, []).append(_Inputs(q, k, kpm, qmask, teacher))
-
-        return fn
+    def hook(module: LinearMultiheadAttention, args: tuple, kwargs: dict, output: Any) -> None:
+        call = _SIGNATURE.bind(module, *args, **kwargs).arguments
+        query = call["query"]
+        key = query if call.get("key") is None else call["key"]
+        kpm = call.get("key_padding_mask")
+        kpm = kpm.to(torch.bool) if kpm is not None else None
+        q, k, _ = module.project(query, key, key)
+        if module.causal or module.encoder_decoder_attention:
+            qmask = current["qmask"]
+        else:  # bidirectional encoder self-attention: queries are the source positions
+            qmask = ~kpm if kpm is not None else None
+        captured.append(LayerInputs(q, k, kpm, qmask))
+        raise _LayerDone
 
     was_training = model.training
     model.eval()
-    with softmax_teacher_mode(model) as layers, torch.no_grad():
-        handles = [m.register_forward_hook(hook(n), with_kwargs=True) for n, m in layers]
+    with softmax_teacher_mode(model), torch.no_grad():
+        handle = module.register_forward_hook(hook, with_kwargs=True)
         try:
             for net_input, qmask in zip(batches, query_masks):
                 current["qmask"] = qmask
-                model(**net_input)
+                try:
+                    model(**net_input)
+                except _LayerDone:
+                    pass
         finally:
-            for h in handles:
-                h.remove()
+            handle.remove()
     model.train(was_training)
     return captured
 
 
-def _student_weights(module: LinearMultiheadAttention, x: _Inputs) -> Tensor:
-    fm = module.feature_map
-    return linear_attention_weights(
-        fm(x.q, is_query=True), fm(x.k, is_query=False), x.key_padding_mask, causal=module.causal,
-        eps=module.options.eps,
-    )
-
-
-def _measure(module: LinearMultiheadAttention, inputs: List[_Inputs]) -> Tuple[float, float, float]:
+def _measure(module: LinearMultiheadAttention, inputs: List[LayerInputs]) -> Tuple[float, float, float]:
     """Mean (KL, student entropy, teacher entropy) over ``inputs``."""
     kl = ent = ent_t = 0.0
     with torch.no_grad():
         for x in inputs:
-            w = _student_weights(module, x)
-            kl += float(attention_kl(x.teacher, w, x.query_mask))
+            teacher, w = x.teacher(module), x.student(module)
+            kl += float(attention_kl(teacher, w, x.query_mask))
             ent += float(attention_entropy(w, x.query_mask))
-            ent_t += float(attention_entropy(x.teacher, x.query_mask))
+            ent_t += float(attention_entropy(teacher, x.query_mask))
     n = max(len(inputs), 1)
     return kl / n, ent / n, ent_t / n
+
+
+def _new_parameters(module: LinearMultiheadAttention) -> List[nn.Parameter]:
+    """The layer's trainable new tensors: those the swap adds (feature map; the hybrid's ``window_logit``).
+
+    Maps store their effective weights (``--feature-map-lr-scale`` scales the finetuning
+    optimizer's step, :mod:`t2r_fairseq.models.step_scale`), so calibration's ``lr`` is
+    every tensor's own learning rate, whatever the scale.
+    """
+    return [p for n, p in module.named_parameters() if p.requires_grad and NEW_TENSOR_PATTERN.search(n)]
+
+
+def _fit(module: LinearMultiheadAttention, inputs: List[LayerInputs], steps: int, lr: float) -> int:
+    """``steps`` Adam steps on the layer's new tensors, cycling over ``inputs``; the number of steps taken."""
+    params = _new_parameters(module)
+    if not params or not steps:
+        return 0
+    opt = torch.optim.Adam(params, lr=lr)
+    with torch.enable_grad():
+        for step in range(steps):
+            x = inputs[step % len(inputs)]
+            with torch.no_grad():
+                teacher = x.teacher(module)
+            loss = attention_kl(teacher, x.student(module), x.query_mask)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            del teacher, loss  # one teacher [B, H, T, S] at a time
+    return steps
 
 
 def calibrate_feature_maps(
@@ -151,33 +213,24 @@ def calibrate_feature_maps(
     steps: int = 300,
     lr: float = 1e-2,
 ) -> List[LayerCalibration]:
-    """Fit every swapped layer's feature map to its teacher's attention on ``batches``; returns per-layer results.
+    """Fit every swapped layer's new tensors to its teacher's attention on ``batches``; returns per-layer results.
 
-    Adam at ``lr`` (the map's effective learning rate, whatever its
-    ``lr_scale``), ``steps`` steps per layer cycling over the batches. Only
-    feature-map parameters change. ``steps = 0`` only measures.
+    Adam at ``lr`` (whatever the map's ``lr_scale``, a finetuning choice), ``steps``
+    steps per layer cycling over the batches. Only the tensors the swap adds change
+    (feature maps; the hybrid's ``window_logit``). ``steps = 0`` only measures.
+    Layers are processed one at a time (memory and cost: the module docstring).
     """
     if steps < 0 or not lr > 0:
         raise ValueError(f"calibration needs steps >= 0 and lr > 0, got steps={steps}, lr={lr}")
-    captured = capture_teacher_inputs(model, batches, query_masks)
-    modules = dict((n, m) for n, m in model.named_modules() if isinstance(m, LinearMultiheadAttention))
     results = []
-    for name, inputs in captured.items():
-        module = modules[name]
+    for name, module in swapped_attentions(model):
+        start = time.perf_counter()
+        inputs = capture_layer_inputs(model, module, batches, query_masks)
+        if not inputs:  # not on the forward path of these batches
+            continue
         kl0, ent0, ent_t = _measure(module, inputs)
-        params = [p for p in module.feature_map.parameters() if p.requires_grad]
-        done = 0
-        if params and steps:
-            # The map stores its parameters divided by lr_scale; divide the step size too.
-            opt = torch.optim.Adam(params, lr=lr / module.feature_map.lr_scale)
-            with torch.enable_grad():
-                for step in range(steps):
-                    x = inputs[step % len(inputs)]
-                    loss = attention_kl(x.teacher, _student_weights(module, x), x.query_mask)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-            done = steps
+        done = _fit(module, inputs, steps, lr)
         kl1, ent1, _ = _measure(module, inputs)
-        results.append(LayerCalibration(name, kl0, kl1, ent_t, ent0, ent1, done))
+        results.append(LayerCalibration(name, kl0, kl1, ent_t, ent0, ent1, done, time.perf_counter() - start))
+        del inputs
     return results

@@ -4,7 +4,10 @@ decoder-self-only swaps, attention entropy."""
 from __future__ import annotations
 
 import copy
+import gc
+import inspect
 import math
+import weakref
 
 import pytest
 import torch
@@ -13,53 +16,14 @@ from fairseq.modules.multihead_attention import MultiheadAttention
 
 from helpers import BIN, LM_TASK, MT_TASK, TRAIN, USER_DIR, build_lm, build_mt, random_tokens, run
 from t2r_fairseq.calibration import calibrate_feature_maps, softmax_teacher_mode
-from t2r_fairseq.modules.feature_maps import FEATURE_MAPS, build_feature_map
+from t2r_fairseq.modules.feature_maps import build_feature_map
 from t2r_fairseq.modules.linear_multihead_attention import LinearMultiheadAttention
-from t2r_fairseq.ops.attention_transfer import attention_entropy
+from t2r_fairseq.ops.attention_transfer import attention_entropy, attention_kl, softmax_attention_weights
 from t2r_fairseq.tools.attention_gap import attention_gap
 from t2r_fairseq.tools.convert import ConvertError, convert
 
 
 # -- learning-rate scale ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", sorted(FEATURE_MAPS))
-def test_lr_scale_keeps_function_and_checkpoint(name: str) -> None:
-    torch.manual_seed(0)
-    plain = build_feature_map(name, 2, 8, 4)
-    torch.manual_seed(0)
-    scaled = build_feature_map(name, 2, 8, 4, lr_scale=8.0)
-    x = torch.randn(3, 2, 5, 8)
-    for is_query in (True, False):
-        torch.testing.assert_close(scaled(x, is_query), plain(x, is_query), atol=1e-6, rtol=1e-6)
-    # checkpoints hold effective weights: identical whatever the scale, and load into any scale
-    sp, ss = plain.state_dict(), scaled.state_dict()
-    assert sp.keys() == ss.keys()
-    for k in sp:
-        torch.testing.assert_close(ss[k], sp[k])
-    other = build_feature_map(name, 2, 8, 4, lr_scale=0.5)
-    other.load_state_dict(ss)
-    torch.testing.assert_close(other(x, False), plain(x, False), atol=1e-6, rtol=1e-6)
-    for n, p in other.named_parameters():  # stored divided by the scale
-        torch.testing.assert_close(p.detach() * 0.5, sp[n])
-
-
-@pytest.mark.parametrize("name", ["t2r", "t2r_qk", "hedgehog", "rfa"])
-def test_lr_scale_is_a_learning_rate_multiplier_for_adam(name: str) -> None:
-    """Adam at lr on a map with lr_scale s takes the steps of Adam at s * lr on the plain map."""
-    torch.manual_seed(0)
-    plain = build_feature_map(name, 2, 8, 4)
-    torch.manual_seed(0)
-    scaled = build_feature_map(name, 2, 8, 4, lr_scale=8.0)
-    x = torch.randn(3, 2, 5, 8)
-    for m, lr in ((plain, 8e-3), (scaled, 1e-3)):
-        opt = torch.optim.Adam(m.parameters(), lr=lr, eps=1e-12)
-        for _ in range(4):
-            loss = m(x, True).pow(2).sum() + m(x, False).sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    torch.testing.assert_close(scaled(x, True), plain(x, True), atol=1e-5, rtol=1e-4)
 
 
 def test_lr_scale_must_be_positive() -> None:
@@ -149,6 +113,154 @@ def test_calibration_measures_only_with_zero_steps_and_skips_parameterless_maps(
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def _naive_calibration(model, batches, qmasks, steps: int, lr: float = 1e-2) -> list:
+    """Oracle: capture every layer's teacher-mode inputs in one pass (all held at once), then fit each layer's
+    feature map and window factor to KL(teacher || module.attention_weights), as the module docstring says."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LinearMultiheadAttention)]
+    captured: dict = {n: [] for n, _ in layers}
+    signature = inspect.signature(LinearMultiheadAttention.forward)
+    qmask_now: list = [None]
+
+    def capture(name):
+        def hook(m, args, kwargs, out):
+            call = signature.bind(m, *args, **kwargs).arguments
+            key = call["query"] if call.get("key") is None else call["key"]
+            kpm = call.get("key_padding_mask")
+            kpm = kpm.bool() if kpm is not None else None
+            q, k, _ = m.project(call["query"], key, key)
+            qmask = qmask_now[0] if m.causal or m.encoder_decoder_attention else (~kpm if kpm is not None else None)
+            captured[name].append((q, k, kpm, qmask, softmax_attention_weights(q, k, kpm, causal=m.causal)))
+        return hook
+
+    with softmax_teacher_mode(model), torch.no_grad():
+        handles = [m.register_forward_hook(capture(n), with_kwargs=True) for n, m in layers]
+        for batch, qmask in zip(batches, qmasks):
+            qmask_now[0] = qmask
+            model(**batch)
+        for h in handles:
+            h.remove()
+
+    def weights(m, q, k, kpm):
+        return m.attention_weights(m.feature_map(q, is_query=True), m.feature_map(k, is_query=False), kpm, q=q, k=k)
+
+    def measure(m, xs):
+        with torch.no_grad():
+            rows = [(float(attention_kl(t, w, qm)), float(attention_entropy(w, qm)), float(attention_entropy(t, qm)))
+                    for q, k, kpm, qm, t in xs for w in [weights(m, q, k, kpm)]]
+        return [sum(col) / len(rows) for col in zip(*rows)]
+
+    results = []
+    for name, m in layers:
+        kl0, ent0, ent_t = measure(m, captured[name])
+        opt = torch.optim.Adam([*m.feature_map.parameters(), *([m.window_logit] if hasattr(m, "window_logit") else [])],
+                               lr=lr)
+        for step in range(steps):
+            q, k, kpm, qm, t = captured[name][step % len(captured[name])]
+            loss = attention_kl(t, weights(m, q, k, kpm), qm)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        kl1, ent1, _ = measure(m, captured[name])
+        results.append((name, kl0, kl1, ent_t, ent0, ent1, steps))
+    return results
+
+
+WINDOW = ["--sliding-window", "4", "--linear-chunk-size", "3"]
+
+
+@pytest.mark.parametrize("kind", ["lm", "lm_hybrid", "mt_swap_encoder"])
+def test_calibration_equals_the_all_layers_oracle(tmp_path, kind: str) -> None:
+    """Layer by layer (one layer's captures at a time) gives exactly the numbers and tensors of the oracle that
+    holds every layer's captures; for the hybrid both fit its own weights, window factor included."""
+    extra = ["--feature-size", "8", *(WINDOW if kind == "lm_hybrid" else []),
+             *(["--swap-encoder"] if kind == "mt_swap_encoder" else [])]
+    if kind.startswith("lm"):
+        _, task, model = build_lm(tmp_path / "d", extra=extra)
+        batches = [{"src_tokens": random_tokens(task.dictionary, 3, 11, seed)} for seed in (0, 1)]
+        qmasks = [None, None]
+    else:
+        _, task, model = build_mt(tmp_path / "d", extra=extra)
+        batches = [_batch(task, seed=0), _batch(task, seed=2)]
+        batches[1]["src_tokens"][1, :3] = task.source_dictionary.pad()  # padded source: the encoder's query mask
+        qmasks = [b["prev_output_tokens"].ne(task.target_dictionary.pad()) for b in batches]
+    oracle = copy.deepcopy(model)
+    before = copy.deepcopy(model.state_dict())
+    expected = _naive_calibration(oracle, batches, qmasks, steps=25)
+    results = calibrate_feature_maps(model, batches, qmasks, steps=25)
+    assert [(r.name, r.kl_before, r.kl_after, r.entropy_teacher, r.entropy_before, r.entropy_after, r.steps)
+            for r in results] == expected
+    for (name, a), b in zip(model.state_dict().items(), oracle.state_dict().values()):
+        assert torch.equal(a, b), name
+    changed = {k for k in before if not torch.equal(before[k], model.state_dict()[k])}
+    assert all(".feature_map." in k or k.endswith(".window_logit") for k in changed)  # projections, FFN, embeddings kept
+    windows = {k for k in before if k.endswith(".window_logit")}
+    assert windows <= changed and bool(windows) == (kind == "lm_hybrid")
+    assert all(r.kl_after < r.kl_before for r in results)
+
+
+def test_calibration_lr_is_the_maps_own_whatever_their_lr_scale(tmp_path) -> None:
+    """Maps hold effective weights and --feature-map-lr-scale only scales the finetuning optimizer's step, so a
+    model built with scale 8 calibrates exactly as one built with scale 1."""
+    fitted = []
+    for scale in ("1", "8"):
+        _, task, model = build_lm(tmp_path / scale, extra=["--feature-size", "8", "--feature-map-lr-scale", scale])
+        calibrate_feature_maps(model, [{"src_tokens": random_tokens(task.dictionary, 3, 11)}], [None], steps=10)
+        fitted.append(model.state_dict())
+    for name, tensor in fitted[0].items():
+        assert torch.equal(tensor, fitted[1][name]), name
+
+
+def test_calibration_of_a_window_covering_the_sequence_reports_the_teacher(tmp_path) -> None:
+    """A hybrid whose window covers the whole sequence *is* its softmax teacher: its KL is zero before any fit."""
+    _, task, model = build_lm(tmp_path / "d", extra=["--feature-size", "8", "--sliding-window", "16"])
+    batch = {"src_tokens": random_tokens(task.dictionary, 3, 11)}
+    results = calibrate_feature_maps(model, [batch], [None], steps=0)
+    assert len(results) == 2
+    for r in results:
+        assert abs(r.kl_before) < 1e-5 and r.entropy_before == pytest.approx(r.entropy_teacher, abs=1e-5), r.line()
+
+
+def _live_4d_bytes() -> int:
+    """Bytes of the distinct storages of every live 4-D tensor (q/k/weights are 4-D; parameters are not counted)."""
+    storages = {}
+    for obj in gc.get_objects():
+        if type(obj) is torch.Tensor and obj.dim() == 4:  # type(): no parameters, and no lookups on other objects
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def test_calibration_holds_one_layers_captures_at_a_time(tmp_path) -> None:
+    """While a layer is measured or fitted no other layer's captured q/k is alive, and the tensors held then do not
+    grow with the number of layers (the old all-layers capture held every layer's q, k and teacher weights)."""
+    peaks = {}
+    for depth in (2, 4):
+        _, task, model = build_lm(tmp_path / str(depth), extra=["--feature-size", "8", "--decoder-layers", str(depth)])
+        batches = [{"src_tokens": random_tokens(task.dictionary, 4, 16, seed)} for seed in (0, 1)]
+        projected: dict = {}  # layer -> weakrefs to the q/k its projection returned
+        violations, held = [], []
+        for name, m in model.named_modules():
+            if isinstance(m, LinearMultiheadAttention):
+                def project(*args, _name=name, _project=m.project):
+                    out = _project(*args)
+                    projected.setdefault(_name, []).extend(weakref.ref(t) for t in out[:2])
+                    return out
+
+                def fitting(fm, args, kwargs, out, _name=name):  # the map runs only while its layer is measured or fitted
+                    others = sorted(n for n, refs in projected.items() if n != _name and any(r() is not None for r in refs))
+                    if others:
+                        violations.append((_name, others))
+                    if kwargs.get("is_query", args[1:2] == (True,)):  # once per step (the query side)
+                        held.append(_live_4d_bytes())
+
+                m.project = project
+                m.feature_map.register_forward_hook(fitting, with_kwargs=True)
+        results = calibrate_feature_maps(model, batches, [None, None], steps=2)
+        assert len(results) == depth and not violations, violations[:2]
+        peaks[depth] = max(held)
+    assert peaks[4] < 1.1 * peaks[2], peaks
+
+
 # -- decoder-self-only swap ------------------------------------------------------------------------
 
 
@@ -232,6 +344,29 @@ def test_convert_lm_swap_only_equals_finetune_swap_and_reports_entropy(work, tmp
     # on train batches) lowers the KL to the teacher on the held-out split
     assert gap_cal["entropy_dec0_self_teacher"] == pytest.approx(gap["entropy_dec0_self_teacher"], rel=1e-5)
     assert gap_cal["at_dec0_self"] < 0.8 * gap["at_dec0_self"]
+
+
+def test_convert_calibrates_the_hybrid_and_attention_gap_reads_it(work, tmp_path) -> None:
+    """--sliding-window: calibration fits the hybrid's own attention (its window factor moves, nothing else of the
+    teacher does), prints one line per layer, and lowers the KL that attention_gap measures on the held-out split."""
+    teacher = work / "lm-teacher" / "checkpoint_last.pt"
+    out, swapped = tmp_path / "hybrid.pt", tmp_path / "hybrid-swap.pt"
+    flags = ["--data", work / "bin-lm", "--feature-size", "8", "--sliding-window", "4", "--max-tokens", "1024"]
+    proc = run("python", "-m", "t2r_fairseq.tools.convert", teacher, out, *flags, "--calibrate-steps", "100",
+               "--calibrate-batches", "2")
+    for i in range(2):
+        assert f"calibration decoder.layers.{i}.self_attn: KL" in proc.stderr
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(out))
+    for k, v in checkpoint_utils.load_checkpoint_to_cpu(str(teacher))["model"].items():
+        assert torch.equal(state["model"][k], v), k
+    for i in range(2):
+        assert not torch.equal(state["model"][f"decoder.layers.{i}.self_attn.window_logit"], torch.full((4,), -2.0))
+    assert all(r["kl_after"] < r["kl_before"] for r in state["t2r_convert"]["layers"])
+    convert(str(teacher), str(swapped), str(work / "bin-lm"), {"feature_size": 8, "sliding_window": 4},
+            calibrate_steps=0)
+    gaps = [attention_gap(str(work / "bin-lm"), str(path), str(teacher), loss="attention_ce", cpu=True)
+            for path in (swapped, out)]
+    assert gaps[1]["at_dec0_self"] < 0.8 * gaps[0]["at_dec0_self"], gaps
 
 
 def test_convert_refuses_bad_input(work, tmp_path) -> None:
