@@ -232,5 +232,6 @@ def calibrate_feature_maps(
         done = _fit(module, inputs, steps, lr)
         kl1, ent1, _ = _measure(module, inputs)
         results.append(LayerCalibration(name, kl0, kl1, ent_t, ent0, ent1, done, time.perf_counter() - start))
+        logger.info("calibration " + results[-1].line())  # as each layer finishes: progress on a long model
         del inputs
     return results

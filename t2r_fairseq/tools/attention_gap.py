@@ -14,6 +14,12 @@ models finetuned with and without it can be compared on the same footing.
 It also prints each layer's mean attention entropy in nats, the teacher's
 (``entropy_dec0_cross_teacher``) and the converted model's (``entropy_dec0_cross``)
 on the same inputs: whether the converted attention is as sharp as the teacher's.
+The converted layer's weights are its own ``attention_weights`` (for the
+sliding-window hybrid: window, linear rest and mixing factor), the same source
+that calibration (:mod:`t2r_fairseq.calibration`) fits, so right after
+``tools.convert`` the per-layer KL here (``--loss attention_ce``) and the one
+convert prints measure the same function (here on this split and on the
+converted model's own layer inputs, there on the teacher's).
 A swapped map that attends almost uniformly reads near ``log(#keys)``; translation
 quality needs cross-attention about as sharp as the teacher's.
 """

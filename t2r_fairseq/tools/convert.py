@@ -9,10 +9,12 @@
 The swap itself needs no tool (``fairseq-train --finetune-from-model teacher.pt``
 does it), but a fresh T2R map attends almost uniformly, and finetuning then
 spends its first hundreds of updates relearning where to attend. This tool
-performs the same swap and then fits each swapped layer's feature map to the
+performs the same swap and then fits each swapped layer's new tensors (the
+feature map; with ``--sliding-window`` also the per-head mixing factor) to the
 teacher's softmax attention on a few training batches
-(:mod:`t2r_fairseq.calibration`), in seconds, before any finetuning. Every
-other tensor keeps the teacher's value exactly.
+(:mod:`t2r_fairseq.calibration`, one layer at a time), in seconds, before any
+finetuning, and logs one line per layer (KL to the teacher before -> after,
+entropies, wall time). Every other tensor keeps the teacher's value exactly.
 
 The output is a T2R checkpoint: ``fairseq-generate`` / ``fairseq-eval-lm`` use it
 as it is ("swap without finetuning"), and ``fairseq-train --finetune-from-model
@@ -166,7 +168,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--swap-encoder", action="store_true")
     ap.add_argument("--softmax-cross-attention", action="store_true", help="translation: swap decoder self-attention only")
     ap.add_argument("--sliding-window", type=int, default=0, help="hybrid: softmax over the last W positions")
-    ap.add_argument("--calibrate-steps", type=int, default=300, help="Adam steps per layer (0: swap only)")
+    ap.add_argument("--calibrate-steps", type=int, default=300,
+                    help="Adam steps per layer (0: swap only); each layer also costs one teacher forward per batch")
     ap.add_argument("--calibrate-lr", type=float, default=1e-2)
     ap.add_argument("--calibrate-batches", type=int, default=4)
     ap.add_argument("--subset", default="train", help="data split the calibration batches come from")
@@ -187,8 +190,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                           a.subset, a.max_tokens, a.seed, a.device)
     except (ConvertError, ValueError, FileNotFoundError, CheckpointReadError) as e:
         sys.exit(f"convert: error: {e}")
-    for r in results:
-        logger.info("calibration " + r.line())
+    if results:  # the per-layer lines were logged by the calibration as each layer finished
+        logger.info(f"calibration: {len(results)} layers in {sum(r.seconds for r in results):.1f} s")
     logger.info(f"wrote {a.out}")
     flags = " ".join(architecture_flags(checkpoint_utils.load_checkpoint_to_cpu(a.out)["cfg"].model))
     print(f"finetune it: fairseq-train {a.data} --user-dir t2r_fairseq --finetune-from-model {a.out} {flags} "
