@@ -12,7 +12,8 @@ spends its first hundreds of updates relearning where to attend. This tool
 performs the same swap and then fits each swapped layer's new tensors (the
 feature map; with ``--sliding-window`` also the per-head mixing factor) to the
 teacher's softmax attention on a few training batches
-(:mod:`t2r_fairseq.calibration`, one layer at a time), in seconds, before any
+(:mod:`t2r_fairseq.calibration`, one layer at a time; minutes for a small model on a CPU, the README
+and docs/REHEARSAL.md give the full-size cost), before any
 finetuning, and logs one line per layer (KL to the teacher before -> after,
 entropies, wall time). Every other tensor keeps the teacher's value exactly.
 
