@@ -132,3 +132,14 @@ def test_unreachable_parameters_are_refused() -> None:
     other = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
     with pytest.raises(StepScaleError, match="--feature-map-lr-scale 1"):
         scale_feature_map_steps(other, step_scales(fmap).items())
+
+
+def test_fully_sharded_training_is_refused_not_ignored() -> None:
+    """FSDP flattens the maps' parameters out of reach of the step hooks: one clear line before anything trains."""
+    from types import SimpleNamespace
+
+    import t2r_fairseq  # noqa: F401  (installs the Trainer patch)
+
+    fake_trainer = SimpleNamespace(is_fsdp=True, model=build_feature_map("t2r", 2, 8, 4, lr_scale=8.0))
+    with pytest.raises(StepScaleError, match="fully_sharded .* --feature-map-lr-scale 1"):
+        Trainer._build_optimizer(fake_trainer)

@@ -149,6 +149,13 @@ def install_in_trainer() -> None:
 
     def scale_maps_after(original: Callable[..., Any]) -> Callable[..., Any]:
         def _build_optimizer(self: Trainer) -> Any:
+            if getattr(self, "is_fsdp", False) and any(
+                isinstance(m, FeatureMap) and m.lr_scale != 1.0 for m in self.model.modules()
+            ):  # FSDP flattens the maps into shards the hooks cannot find: refuse rather than ignore the scale
+                raise StepScaleError(
+                    "--feature-map-lr-scale cannot be applied with --ddp-backend fully_sharded (it flattens the "
+                    "feature maps' parameters) -- use --feature-map-lr-scale 1, or --ddp-backend legacy_ddp / c10d"
+                )
             result = original(self)
             scales = step_scales(self.model)
             if scales:
