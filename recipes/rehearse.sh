@@ -78,7 +78,7 @@ model.decoder_attention_heads=4"
     "$BIN/fairseq-preprocess" --only-source --srcdict "$W/data/dict.txt" --trainpref "$W/data/wiki.train.tokens" \
       --validpref "$W/data/wiki.valid.tokens" --testpref "$W/data/wiki.test.tokens" --destdir "$W/data-bin" \
       --workers 2 > "$W/preprocess.log" 2>&1
-    finetune_env=(WARMUP_UPDATES=1)
+    finetune_env=(WARMUP_UPDATES=1) overrides_ft=""   # the LM recipe sets its warm-up from WARMUP_UPDATES
     eval_env=(EVAL_SUBSETS=test)
   else
     read -r src tgt < <("$PY" -c "from t2r_fairseq.tools.rehearsal import LANGS; print(*LANGS['$recipe'])")
@@ -115,7 +115,7 @@ model.decoder_attention_heads=4"
       start=$W/checkpoints/calibrated.pt
     fi
     run_recipe finetune finetune TEACHER=train TEACHER_CKPT="$start" MAX_UPDATE="$UPDATES" "${arch[@]}" "${finetune_env[@]}" \
-      TRAIN_OVERRIDES="$overrides" FINETUNE_OVERRIDES="common.log_interval=1 ${overrides_ft:-}" || return 1
+      TRAIN_OVERRIDES="$overrides" FINETUNE_OVERRIDES="common.log_interval=1 $overrides_ft" || return 1
     run_recipe eval eval TEACHER=train EVAL_MODELS=t2r EVAL_CHECKPOINT=checkpoint_last.pt "${arch[@]}" "${eval_env[@]}" || return 1
     measured=("$W/measure/teacher.json" "$W/measure/finetune.json" "$W/measure/eval.json")
     [[ -f $W/measure/calibrate.json ]] && measured+=("$W/measure/calibrate.json")
@@ -124,7 +124,6 @@ model.decoder_attention_heads=4"
   }
   rehearse_one || failed+=("$recipe")
   [[ $KEEP_CHECKPOINTS == 1 ]] || rm -rf "$W/checkpoints"
-  unset overrides_ft
 done
 say "done: $MD"
 cat "$MD"

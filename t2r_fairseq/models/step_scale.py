@@ -93,11 +93,12 @@ def scale_feature_map_steps(
     handles: List[Any] = []
     for leaf in _leaf_optimizers(optimizer):
         owned = {id(p) for group in leaf.param_groups for p in group["params"]}
-        mine = [(t, s) for t, s in targets if id(t) in owned or id(getattr(t, "_t2r_base", None)) in owned]
+        held = [id(t) in owned or id(getattr(t, "_t2r_base", None)) in owned for t, _ in targets]
+        mine = [target for target, h in zip(targets, held) if h]
         if mine:
-            pre, post = _scale_hooks([(t, s) for t, s in mine])
+            pre, post = _scale_hooks(mine)
             handles += [leaf.register_step_pre_hook(pre), leaf.register_step_post_hook(post)]
-            targets = [(t, s) for t, s in targets if all(t is not m for m, _ in mine)]
+            targets = [target for target, h in zip(targets, held) if not h]
     if targets:
         raise StepScaleError(
             f"--feature-map-lr-scale: {len(targets)} feature-map parameter(s) are not held by the optimizer as "
