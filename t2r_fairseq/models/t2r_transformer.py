@@ -18,6 +18,7 @@ from fairseq.models.transformer import (
 
 from t2r_fairseq.models.config import T2RTranslationConfig, translation_defaults, validate_t2r_options
 from t2r_fairseq.models.layers import T2RTransformerDecoder, T2RTransformerEncoder
+from t2r_fairseq.models.shatter_transformer import add_encoder_attention_args, build_encoder, encoder_attention
 from t2r_fairseq.models.trainable import apply_trainable
 from t2r_fairseq.swap import SwapLoadMixin
 
@@ -33,11 +34,13 @@ class T2RTransformerModel(SwapLoadMixin, TransformerModel):
     def add_args(cls, parser: Any) -> None:
         super().add_args(parser)
         gen_parser_from_dataclass(parser, T2RTranslationConfig())
+        add_encoder_attention_args(parser, "multihead")  # --encoder-attention shatter: a Shatter encoder
 
     @classmethod
     def build_model(cls, args: Any, task: Any) -> "T2RTransformerModel":
         translation_defaults(args)  # a config built in Python, without fairseq's parser or an arch function
         validate_t2r_options(args)  # one line naming a bad option, before anything is built, trained or written
+        encoder_attention(args)
         model = super().build_model(args, task)
         # With --trainable attention a softmax encoder has no swapped attention and
         # stays frozen entirely, as in the authors' code.
@@ -46,6 +49,9 @@ class T2RTransformerModel(SwapLoadMixin, TransformerModel):
 
     @classmethod
     def build_encoder(cls, args: Any, src_dict: Any, embed_tokens: Any) -> Any:
+        shatter = build_encoder(args, src_dict, embed_tokens, "multihead")
+        if shatter is not None:
+            return shatter
         if getattr(args, "swap_encoder", False):
             return T2RTransformerEncoder(args, src_dict, embed_tokens)
         return super().build_encoder(args, src_dict, embed_tokens)

@@ -1,0 +1,59 @@
+"""``shatter_transformer``: fairseq's encoder-decoder transformer with a Shatter encoder (``--encoder-attention``).
+
+The decoder is fairseq's softmax decoder; for a Shatter encoder with a linear (T2R) decoder use
+``--arch t2r_transformer --encoder-attention shatter``. Both models share :func:`build_encoder`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fairseq.dataclass.utils import gen_parser_from_dataclass
+from fairseq.models import register_model, register_model_architecture
+from fairseq.models.transformer import TransformerEncoder, TransformerModel, base_architecture, transformer_iwslt_de_en
+
+from t2r_fairseq.models.shatter_config import ShatterEncoderConfig, encoder_attention
+from t2r_fairseq.models.shatter_layers import ShatterTransformerEncoder
+
+
+def add_encoder_attention_args(parser: Any, default: str) -> None:
+    """``--encoder-attention`` and the ``--shatter-*`` options, with this model's default attention."""
+    gen_parser_from_dataclass(parser, ShatterEncoderConfig())
+    parser.set_defaults(encoder_attention=default)
+
+
+def build_encoder(args: Any, src_dict: Any, embed_tokens: Any, default: str) -> Any:
+    """A :class:`ShatterTransformerEncoder` for ``--encoder-attention shatter``, else None (the model's own)."""
+    if encoder_attention(args, default) == "shatter":
+        return ShatterTransformerEncoder(args, src_dict, embed_tokens)
+    return None
+
+
+@register_model("shatter_transformer")
+class ShatterTransformerModel(TransformerModel):
+    """Encoder self-attention Shatter (``--encoder-attention shatter``, the default here) or multi-head."""
+
+    @classmethod
+    def add_args(cls, parser: Any) -> None:
+        super().add_args(parser)
+        add_encoder_attention_args(parser, "shatter")
+
+    @classmethod
+    def build_model(cls, args: Any, task: Any) -> "ShatterTransformerModel":
+        encoder_attention(args, "shatter")  # one line naming a bad option, before anything is built
+        return super().build_model(args, task)
+
+    @classmethod
+    def build_encoder(cls, args: Any, src_dict: Any, embed_tokens: Any) -> TransformerEncoder:
+        return build_encoder(args, src_dict, embed_tokens, "shatter") or super().build_encoder(
+            args, src_dict, embed_tokens)
+
+
+@register_model_architecture("shatter_transformer", "shatter_transformer")
+def shatter_transformer(args: Any) -> None:
+    base_architecture(args)
+
+
+@register_model_architecture("shatter_transformer", "shatter_transformer_iwslt_de_en")
+def shatter_transformer_iwslt_de_en(args: Any) -> None:
+    transformer_iwslt_de_en(args)
