@@ -1,4 +1,4 @@
-"""The README's and recipes' evaluation commands score what a user means to score.
+"""The README's, the user-facing docs' and the recipes' evaluation commands score what a user means to score.
 
 Users copy these commands as they are, so a flag they lack is a wrong number in someone's table: a
 ``fairseq-generate --scoring sacrebleu`` without ``--remove-bpe`` / ``--post-process`` scores BPE pieces (a BLEU
@@ -16,6 +16,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+# the docs the README sends users to for commands to copy (the option reference, the paper recipes, troubleshooting);
+# docs/RESULTS.md and docs/BENCHMARKS.md are records: their commands are kept as they were run
+USER_DOCS = (README, ROOT / "docs" / "OPTIONS.md", ROOT / "docs" / "PAPER.md", ROOT / "docs" / "TROUBLESHOOTING.md")
 EVAL_TOOLS = ("fairseq-generate", "fairseq-eval-lm")
 
 
@@ -54,13 +57,14 @@ def _shell_commands(block: str) -> list[str]:
     return commands
 
 
-def _tool_commands(tool: str) -> list[list[str]]:
-    """The README's commands that run ``tool``, as argument lists."""
+def _tool_commands(tool: str, docs: tuple[Path, ...] = USER_DOCS) -> list[list[str]]:
+    """The commands of ``docs`` (default: the README and the user-facing docs) that run ``tool``, as argument lists."""
     found = []
-    for command in _fenced_commands(README.read_text(encoding="utf-8")):
-        words = shlex.split(command)
-        if words and Path(words[0]).name == tool:
-            found.append(words)
+    for doc in docs:
+        for command in _fenced_commands(doc.read_text(encoding="utf-8")):
+            words = shlex.split(command)
+            if words and Path(words[0]).name == tool:
+                found.append(words)
     return found
 
 
@@ -73,9 +77,12 @@ def _removes_subwords(words: list[str]) -> bool:
 
 
 def test_readme_has_generate_commands_to_check() -> None:
-    """Guard against the checks below passing on nothing (e.g. a changed code-fence style)."""
-    assert any(_scores_bleu(words) for words in _tool_commands("fairseq-generate"))
-    assert _tool_commands("fairseq-eval-lm")
+    """Guard against the checks below passing on nothing (e.g. a changed code-fence style): the README's own
+    recommended commands evaluate, and so do the option reference's (top-k)."""
+    assert any(_scores_bleu(words) for words in _tool_commands("fairseq-generate", (README,)))
+    assert _tool_commands("fairseq-eval-lm", (README,))
+    options = (ROOT / "docs" / "OPTIONS.md",)
+    assert _tool_commands("fairseq-generate", options) and _tool_commands("fairseq-eval-lm", options)
 
 
 def test_readme_generate_commands_score_words_not_subword_pieces() -> None:
