@@ -120,3 +120,21 @@ def test_shatter_roberta_matches_roberta_small_in_size(tmp_path):
     assert abs(count(shatter) - (count(multi) - positions)) < 0.02 * count(multi)  # P = 3, no key projection
     x, _ = shatter(random_tokens(task.source_dictionary, 2, 9))
     assert x.shape == (2, 9, len(task.source_dictionary))
+
+
+def test_bench_and_report_tools(tmp_path, capsys):
+    from t2r_fairseq.tools import shatter_bench, shatter_report
+
+    rows = shatter_bench.main(["--lengths", "16,24", "--dim", "16", "--heads", "2", "--batch", "2", "--warmup", "0",
+                               "--repeats", "1", "--out", str(tmp_path / "bench.json")])
+    assert [(r["variant"], r["length"]) for r in rows] == [("multihead_h2", 16), ("shatter_p3", 16),
+                                                          ("multihead_h2", 24), ("shatter_p3", 24)]
+    assert all(r["saved_activation_mib"] > 0 and r["median_ms"] > 0 for r in rows)
+    log = tmp_path / "run.log"
+    log.write_text(
+        '2026-12-03 | INFO | train_inner | {"loss": "9.5", "num_updates": "25", "train_wall": "10"}\n'
+        '2026-12-03 | INFO | train_inner | {"loss": "9.0", "num_updates": "50", "train_wall": "12"}\n'
+        '2026-12-03 | INFO | valid | {"valid_loss": "8.750", "valid_num_updates": "50"}\n')
+    shatter_report.main([str(log), "--bench", str(tmp_path / "bench.json")])
+    out = capsys.readouterr().out
+    assert "| 50 | 8.750 | 22 |" in out and "| 24 |" in out

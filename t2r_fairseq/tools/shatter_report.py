@@ -17,8 +17,10 @@ _JSON = re.compile(r"\| (train_inner|valid) \| (\{.*\})")
 
 
 def read_log(path: Path) -> Dict[str, List[Tuple[int, float, float]]]:
-    """``{"valid": [(update, dev loss (base 2), train wall s)], "train": [(update, loss, train wall s)]}``."""
+    """``{"valid": [(update, dev loss (base 2), cumulative train wall s)], "train": [(update, loss, same)]}``
+    (train wall = time in training steps, without validation; logged every --log-interval updates)."""
     train: List[Tuple[int, float, float]] = []
+    total = 0.0  # fairseq resets train_inner's train_wall at every log line: the sum is the run's training time
     valid: List[Tuple[int, float, float]] = []
     for line in path.read_text(errors="replace").splitlines():
         m = _JSON.search(line)
@@ -26,7 +28,8 @@ def read_log(path: Path) -> Dict[str, List[Tuple[int, float, float]]]:
             continue
         row = json.loads(m.group(2))
         if m.group(1) == "train_inner":
-            train.append((int(row["num_updates"]), float(row["loss"]), float(row["train_wall"])))
+            total += float(row["train_wall"])
+            train.append((int(row["num_updates"]), float(row["loss"]), total))
         else:
             update = int(row["valid_num_updates"])
             walls = [w for u, _, w in train if u <= update]
