@@ -3,7 +3,10 @@ softmax teachers trained with fairseq-train, built once per test session (once p
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -29,7 +32,34 @@ LONGEST_FIRST = ("test_recipes", "test_quickstart", "test_cli", "test_resume", "
                  "test_numerics_long", "test_calibration", "test_attention_transfer")
 
 
+# The fast tier (`pytest -m "not slow"`: math, modules, swap, in-process model builds) leaves out every test that
+# starts a process -- fairseq's CLIs, the recipes, the tools as commands -- itself or through a fixture it uses
+# (directly or transitively). Marked here from the source, so a new CLI test is slow without anyone remembering to
+# mark it; a test may also carry @pytest.mark.slow by hand.
+_STARTS_A_PROCESS = re.compile(r"(?<![\w.])run\(|subprocess\.")
+
+
+@lru_cache(maxsize=None)
+def _starts_a_process(func) -> bool:
+    try:
+        return bool(_STARTS_A_PROCESS.search(inspect.getsource(func)))
+    except (OSError, TypeError):
+        return False
+
+
+def _is_slow(item: pytest.Item) -> bool:
+    if item.get_closest_marker("slow"):
+        return True
+    if _starts_a_process(getattr(item, "function", None)):
+        return True
+    definitions = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    return any(_starts_a_process(d.func) for name in item.fixturenames for d in definitions.get(name, ()))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _is_slow(item):
+            item.add_marker(pytest.mark.slow)
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: file order within a file
 

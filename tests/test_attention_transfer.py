@@ -17,6 +17,7 @@ from torch import Tensor, nn
 import t2r_fairseq  # noqa: F401  (registration)
 from helpers import LM_TASK, MT_TASK, TRAIN, USER_DIR, run
 from t2r_fairseq.criterions.attention_transfer import AttentionTransferCriterion, metric_name
+from t2r_fairseq.modules.attention_source import LayerAttention
 from t2r_fairseq.modules.feature_maps import FeatureMap
 from t2r_fairseq.modules.linear_multihead_attention import LinearAttentionOptions, LinearMultiheadAttention
 from t2r_fairseq.modules.softmax_teacher import SoftmaxAttentionTeacher
@@ -61,8 +62,8 @@ def test_teacher_equals_fairseq_multihead_attention(role):
     kpm = _pad_mask([S, S - 2, S - 4], S)
     attn_mask = utils.fill_with_neg_inf(torch.zeros(T, T)).triu(1) if not cross else None
     ref, ref_w = mha(x, mem, mem, key_padding_mask=kpm, attn_mask=attn_mask, need_weights=True, need_head_weights=True)
-    out = teacher.output(x, mem, mem, kpm, causal=not cross)
-    w = teacher.weights(x, mem, kpm, causal=not cross)
+    attention = LayerAttention.of(teacher, x, mem, mem, kpm)
+    out, w = attention.output(), attention.weights()
     rows = ~_pad_mask([T, T - 2, T - 4], T) if not cross else torch.ones(B, T, dtype=torch.bool)
     # rows whose keys are all padding are undefined in fairseq (NaN); compare the real ones
     assert torch.allclose(out.transpose(0, 1)[rows], ref.transpose(0, 1)[rows], atol=1e-5)

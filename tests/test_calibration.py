@@ -15,9 +15,10 @@ from fairseq import checkpoint_utils
 from fairseq.modules.multihead_attention import MultiheadAttention
 
 from helpers import BIN, LM_TASK, MT_TASK, TRAIN, USER_DIR, build_lm, build_mt, random_tokens, run
-from t2r_fairseq.calibration import calibrate_feature_maps, softmax_teacher_mode
+from t2r_fairseq.conversion.calibration import calibrate_feature_maps
 from t2r_fairseq.modules.feature_maps import build_feature_map
 from t2r_fairseq.modules.linear_multihead_attention import LinearMultiheadAttention
+from t2r_fairseq.modules.softmax_teacher import teacher_forward
 from t2r_fairseq.ops.attention_transfer import attention_entropy, attention_kl, softmax_attention_weights
 from t2r_fairseq.tools.attention_gap import attention_gap
 from t2r_fairseq.tools.convert import ConvertError, convert
@@ -60,7 +61,7 @@ def test_attention_entropy_bounds() -> None:
 
 
 @pytest.mark.parametrize("role", ["causal", "cross"])
-def test_softmax_teacher_mode_equals_fairseq_attention(role: str) -> None:
+def test_teacher_forward_equals_fairseq_attention(role: str) -> None:
     torch.manual_seed(0)
     kw = dict(self_attention=True, causal=True) if role == "causal" else dict(encoder_decoder_attention=True)
     from t2r_fairseq.modules.linear_multihead_attention import LinearAttentionOptions
@@ -74,8 +75,9 @@ def test_softmax_teacher_mode_equals_fairseq_attention(role: str) -> None:
     key, mask = (x, None) if role == "causal" else (src, kpm)
     future = torch.triu(torch.full((7, 7), float("-inf")), 1) if role == "causal" else None
     expected, _ = ref(x, key, key, key_padding_mask=mask, attn_mask=future, need_weights=False)
-    with softmax_teacher_mode(lin):
+    with teacher_forward([lin]):
         got, _ = lin(x, key, key, key_padding_mask=mask, attn_mask=future)
+    assert "forward" not in vars(lin)  # the layer's own forward is back
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -132,7 +134,7 @@ def _naive_calibration(model, batches, qmasks, steps: int, lr: float = 1e-2) -> 
             captured[name].append((q, k, kpm, qmask, softmax_attention_weights(q, k, kpm, causal=m.causal)))
         return hook
 
-    with softmax_teacher_mode(model), torch.no_grad():
+    with teacher_forward([m for _, m in layers]), torch.no_grad():
         handles = [m.register_forward_hook(capture(n), with_kwargs=True) for n, m in layers]
         for batch, qmask in zip(batches, qmasks):
             qmask_now[0] = qmask
@@ -141,7 +143,7 @@ def _naive_calibration(model, batches, qmasks, steps: int, lr: float = 1e-2) -> 
             h.remove()
 
     def weights(m, q, k, kpm):
-        return m.attention_weights(m.feature_map(q, is_query=True), m.feature_map(k, is_query=False), kpm, q=q, k=k)
+        return m.attention_weights(q, k, kpm)
 
     def measure(m, xs):
         with torch.no_grad():
@@ -298,7 +300,7 @@ def test_convert_mt_calibrated_then_generate_and_finetune(work, tmp_path) -> Non
     assert {k for k in state["model"] if k not in teacher_state} == {
         f"decoder.layers.{i}.{a}.feature_map.{p}" for i in range(2) for a in ("self_attn", "encoder_attn")
         for p in ("weight", "bias", "key_weight", "key_bias", "spec")  # the default map t2r_qk's query and key
-    }  # layers; spec: the maps' identity record (t2r_fairseq.swap)
+    }  # layers; spec: the maps' identity record (t2r_fairseq.conversion.swap)
     # the cross-attention's map has the plugin's default size (128) without --cross-feature-size, self-attention 8;
     # fairseq-train below builds the same without the flag (a different size would be refused by the swap)
     model = state["model"]

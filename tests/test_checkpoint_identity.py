@@ -26,7 +26,7 @@ import torch
 
 from helpers import LM_TASK, TRAIN, USER_DIR, build_lm, build_mt, run, write_corpus
 from t2r_fairseq.modules.feature_maps import FEATURE_MAPS, FeatureMapSpec, feature_map_id
-from t2r_fairseq.swap import SwapError, diagnose, feature_map_mismatch_message, plan_swap
+from t2r_fairseq.conversion.swap import SwapError, diagnose, feature_map_mismatch_message, plan_swap
 
 K8 = ["--feature-size", "8"]
 T2R8 = ["--feature-map", "t2r", *K8]  # the paper's tied map (the default before t2r_qk), as in checkpoints of that time
@@ -220,7 +220,7 @@ def test_legacy_checkpoint_loads_with_one_warning(tmp_path, caplog):
     old = {k: v for k, v in a.state_dict().items() if not k.endswith((".spec", ".window_size"))}
     with caplog.at_level(logging.INFO):
         b.load_state_dict(old)
-    messages = [r.getMessage() for r in caplog.records if r.name == "t2r_fairseq.swap"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "t2r_fairseq.conversion.swap"]
     assert messages == [
         "T2R load: the checkpoint has no identity records (saved by an older t2r-fairseq); assuming its feature "
         "maps are t2r (k=8) and its window is --sliding-window 4, as this model builds them; if it was trained "
@@ -379,7 +379,7 @@ def test_train_with_reset_feature_maps_says_so_and_its_checkpoint_evaluates_unre
     from fairseq import checkpoint_utils
 
     save = lm / "reset"
-    with caplog.at_level(logging.INFO, logger="t2r_fairseq.swap"):
+    with caplog.at_level(logging.INFO, logger="t2r_fairseq.conversion.swap"):
         _train_in_process(lm, save, "--feature-map", "hedgehog", *K8, "--reset-feature-maps", "--max-update", "1",
                           "--finetune-from-model", str(lm / "t2r.pt"))
     (line,) = [r.getMessage() for r in caplog.records if "T2R swap:" in r.getMessage()]
@@ -422,7 +422,7 @@ def test_legacy_checkpoint_loads_for_evaluation_with_one_warning(lm, caplog):
     with caplog.at_level(logging.INFO):
         (model,), _, _ = checkpoint_utils.load_model_ensemble_and_task(
             [str(lm / "legacy.pt")], arg_overrides={"data": str(lm / "bin")})
-    messages = [r.getMessage() for r in caplog.records if r.name == "t2r_fairseq.swap"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "t2r_fairseq.conversion.swap"]
     assert len(messages) == 1 and messages[0].startswith(
         "T2R load: the checkpoint has no identity records (saved by an older t2r-fairseq); assuming its feature maps "
         "are t2r (k=8), as this model builds them;")

@@ -16,8 +16,8 @@ import pytest
 import torch
 from fairseq.data import Dictionary, indexed_dataset
 
-from t2r_fairseq import dataset_checks
-from t2r_fairseq.dataset_checks import (
+from t2r_fairseq.hardening import dataset_checks
+from t2r_fairseq.hardening.dataset_checks import (
     FULL_CHECK_ENV, SAMPLE_BLOCK_TOKENS, SAMPLE_BLOCKS, DatasetFileError, check_binarised_dataset, sample_ranges,
 )
 

@@ -14,7 +14,7 @@ from fairseq import checkpoint_utils, tasks
 
 import t2r_fairseq  # noqa: F401  (registration)
 from helpers import MT_TASK, TRAIN, USER_DIR, run
-from t2r_fairseq.checkpoint_errors import DictionaryMismatchError
+from t2r_fairseq.hardening.checkpoint_errors import DictionaryMismatchError
 from t2r_fairseq.criterions.attention_transfer import AttentionTransferCriterion, load_teacher_model
 from t2r_fairseq.modules.softmax_teacher import TeacherLoadError
 from t2r_fairseq.ops.distillation import token_kl

@@ -290,7 +290,7 @@ def test_bad_window_and_mismatched_state_are_refused() -> None:
 
 from t2r_fairseq.modules.linear_multihead_attention import LinearAttentionOptions  # noqa: E402
 from t2r_fairseq.modules.sliding_window_attention import SlidingWindowAttention  # noqa: E402
-from t2r_fairseq.swap import plan_swap  # noqa: E402
+from t2r_fairseq.conversion.swap import plan_swap  # noqa: E402
 
 from helpers import build_lm, build_mt, random_tokens  # noqa: E402
 
@@ -342,7 +342,7 @@ def test_module_generation_path_equals_autograd_path_and_does_not_fold_the_map()
         return torch.cat(outs).detach(), {k: v.detach() for k, v in buf.items()}
 
     fused, fused_state = steps(False)
-    (_, cached), = attn._fused_cache.values()
+    (cached,) = attn.fused_projection.cached()
     assert not cached.folded and cached.sizes == [16, 16, 16]
     plain, plain_state = steps(True)
     _close(fused, plain)
@@ -352,15 +352,15 @@ def test_module_generation_path_equals_autograd_path_and_does_not_fold_the_map()
     _close(fused, full.detach())
 
 
-def test_module_mix_needs_raw_q_and_k() -> None:
+def test_module_weights_and_output_are_one_function() -> None:
+    """The hybrid's explicit weights (what calibration and attention transfer read) times v is what it runs."""
     attn = _module()
-    q, k, v = attn.project(*(torch.randn(5, 2, 16),) * 3)
-    phi_q, phi_k = attn.feature_map(q, True), attn.feature_map(k, False)
-    with pytest.raises(ValueError, match="needs the raw q and k"):
-        attn.mix(phi_q, phi_k, v)
-    weights = attn.attention_weights(phi_q, phi_k, q=q, k=k)
-    _close(torch.matmul(weights, v), attn.mix(phi_q, phi_k, v, q=q, k=k))
+    x = torch.randn(5, 2, 16)
+    q, k, v = attn.project(x, x, x)
+    weights = attn.attention_weights(q, k)
+    _close(torch.matmul(weights, v), attn.attend(q, k, v))
     _close(weights.sum(-1), torch.ones(2, 4, 5))
+    _close(attn.out_proj(attn._merge(attn.attend(q, k, v))), attn(x, x, x)[0])
 
 
 @pytest.mark.parametrize("loss", ["output_mse", "attention_ce"])
@@ -579,7 +579,7 @@ def test_bench_refuses_a_negative_window(tmp_path, capsys):
 
 
 def test_hybrid_checkpoint_into_a_model_without_window_is_refused_clearly(tmp_path):
-    from t2r_fairseq.swap import SwapError
+    from t2r_fairseq.conversion.swap import SwapError
 
     _, _, hybrid = build_lm(tmp_path / "a", extra=WINDOW)
     _, _, t2r = build_lm(tmp_path / "b", extra=["--feature-size", "8"])

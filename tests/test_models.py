@@ -7,7 +7,7 @@ import torch
 
 from t2r_fairseq.modules.feature_maps import FEATURE_MAPS
 from t2r_fairseq.modules.linear_multihead_attention import LinearMultiheadAttention
-from t2r_fairseq.swap import SwapError, plan_swap
+from t2r_fairseq.conversion.swap import SwapError, plan_swap
 
 from helpers import build_lm, build_mt, random_tokens
 
@@ -200,7 +200,7 @@ def test_fused_generation_projection_equals_unfused(feature_map, role):
     x = torch.randn(7, 3, 16)
     enc = torch.randn(5, 3, 12) if role == "cross" else None
     fused, fused_state = _steps(attn, x, enc)  # no grad, eval: the fused path
-    (_, cached), = attn._fused_cache.values()
+    (cached,) = attn.fused_projection.cached()
     assert cached.folded == (feature_map in ("t2r", "t2r_qk", "hedgehog")) and len(cached.sizes) == (3 if role == "self" else 1)
     plain, plain_state = _steps(attn, x, enc, grad=True)  # autograd on: the parameters' own path
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)

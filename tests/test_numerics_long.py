@@ -103,7 +103,11 @@ def test_recurrent_decoding_in_bf16_at_length(variant: str) -> None:
     state: dict = {}
     with torch.no_grad():
         ref, _ = layer(x, x, x)
-        steps = [half(xh[t : t + 1], xh[t : t + 1], xh[t : t + 1], incremental_state=state)[0] for t in range(length)]
+        steps = []
+        for t in range(length):
+            step = xh[t : t + 1]  # one tensor as query, key and value: the fused generation path (key is query)
+            steps.append(half(step, step, step, incremental_state=state)[0])
+    assert half.fused_projection.cached(), "the fused generation projection did not run"
     (buffers,) = state.values()
     assert buffers["S"].dtype == buffers["z"].dtype == torch.float32  # the state never drops to bf16
     _check(torch.cat(steps), ref, torch.bfloat16, f"{variant} recurrent bf16 L={length}")

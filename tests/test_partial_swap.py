@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from helpers import build_lm, build_mt
-from t2r_fairseq.swap import SwapError, plan_swap
+from t2r_fairseq.conversion.swap import SwapError, plan_swap
 
 K8 = ["--feature-size", "8"]
 RESET = type("Cfg", (), {"reset_feature_maps": True})()  # a model config with --reset-feature-maps

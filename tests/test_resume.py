@@ -174,7 +174,7 @@ def test_atomic_copy_keeps_destination_when_interrupted(tmp_path, monkeypatch):
     """The copy itself: an exception mid-copy leaves the old destination and no temporary file."""
     import shutil
 
-    from t2r_fairseq.checkpoint_files import atomic_copy
+    from t2r_fairseq.hardening.checkpoint_files import atomic_copy
 
     src, dst = tmp_path / "new.pt", tmp_path / "checkpoint_last.pt"
     src.write_bytes(b"new" * 1000)

@@ -451,8 +451,8 @@ def test_topk_ffn_in_the_model(tmp_path, ffn_k):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--topk-k", "0"], r"--topk-k must be >= 1 \(keys kept per query\), got 0"),
-    (["--topk-query-chunk", "-3"], r"--topk-query-chunk must be >= 1"),
+    (["--topk-k", "0"], r"--topk-k must be an integer >= 1 \(keys kept per query\), got 0"),
+    (["--topk-query-chunk", "-3"], r"--topk-query-chunk must be an integer >= 1"),
     (["--topk-ffn-k", "65"], r"--topk-ffn-k must be 0 \(off\) or 1\.\.64 \(--decoder-ffn-embed-dim\), got 65"),
     (["--topk-attention", "self,encoder"], r"--topk-attention: 'encoder' is not an attention of a language model"),
 ])
@@ -547,7 +547,7 @@ def test_finetune_from_stock_checkpoint_and_bad_option_fails_at_build(work, tmp_
               "--finetune-from-model", teacher, ok=False)
     assert bad.returncode != 0
     assert bad.stderr.strip().splitlines()[-1] == (
-        "t2r_fairseq.models.topk_config.TopkOptionError: --topk-k must be >= 1 (keys kept per query), got 0")
+        "t2r_fairseq.models.topk_config.TopkOptionError: --topk-k must be an integer >= 1 (keys kept per query), got 0")
     assert not list((tmp_path / "bad").glob("*.pt"))
 
 

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _code_floor() -> tuple[int, int]:
-    from t2r_fairseq import fairseq_compat
+    from t2r_fairseq.hardening import fairseq_compat
 
     return fairseq_compat.MIN_TORCH
 
@@ -56,14 +56,14 @@ def _bullet(text: str, start: str) -> str:
 
 @pytest.mark.parametrize("version", ["2.13.0+cpu", "2.4.0", "2.5.0a0+git1234abc", "3.0.0", "2.10.1"])
 def test_supported_torch_versions_pass_the_check(version: str) -> None:
-    from t2r_fairseq.fairseq_compat import require_safe_loading_torch
+    from t2r_fairseq.hardening.fairseq_compat import require_safe_loading_torch
 
     require_safe_loading_torch(version)
 
 
 @pytest.mark.parametrize("version", ["2.3.1", "2.1.0+cu121", "1.13.1", "2.3.0a0+gitdeadbee"])
 def test_older_torch_is_refused_in_one_line_naming_both_versions(version: str) -> None:
-    from t2r_fairseq.fairseq_compat import TorchVersionError, require_safe_loading_torch
+    from t2r_fairseq.hardening.fairseq_compat import TorchVersionError, require_safe_loading_torch
 
     with pytest.raises(TorchVersionError) as info:
         require_safe_loading_torch(version)
@@ -82,7 +82,7 @@ def test_importing_the_plugin_on_an_old_torch_fails_with_one_clear_last_line() -
     proc = _import_plugin_with("torch.__version__ = '2.3.1'")
     assert proc.returncode != 0 and "imported" not in proc.stdout, "the plugin imported on torch 2.3.1"
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("t2r_fairseq.fairseq_compat.TorchVersionError: t2r_fairseq needs torch >= "), last
+    assert last.startswith("t2r_fairseq.hardening.fairseq_compat.TorchVersionError: t2r_fairseq needs torch >= "), last
     assert "torch 2.3.1 is installed" in last
 
 

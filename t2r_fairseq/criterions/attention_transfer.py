@@ -56,7 +56,6 @@ them, and ``fairseq-generate`` / ``fairseq-eval-lm`` need no teacher.
 
 import inspect
 import logging
-import math
 import os
 import re
 from contextlib import nullcontext
@@ -79,11 +78,13 @@ from omegaconf import II
 from torch import Tensor, nn
 
 from t2r_fairseq.models.layers import T2RTransformerDecoder
+from t2r_fairseq.models.option_checks import OptionError, check_choice, check_int, check_number
+from t2r_fairseq.modules.attention_source import LayerAttention, replaced_attentions
 from t2r_fairseq.modules.linear_multihead_attention import LinearMultiheadAttention
 from t2r_fairseq.modules.softmax_teacher import SoftmaxAttentionTeacher, TeacherLoadError
 from t2r_fairseq.ops.attention_transfer import attention_entropy, attention_kl, output_mse
 from t2r_fairseq.ops.distillation import LogProbs, chunk_positions, chunked_token_losses, token_kl
-from t2r_fairseq.swap import NEW_TENSOR_PATTERN
+from t2r_fairseq.conversion.swap import NEW_TENSOR_PATTERN
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ def load_teacher_model(path: str, task: Any) -> nn.Module:
     return teacher.eval().requires_grad_(False)
 
 
-class TransferOptionError(ValueError):
+class TransferOptionError(OptionError):
     """An option of ``t2r_attention_transfer`` is out of range; raised when the criterion is built.
 
     fairseq builds the criterion before training, so the run stops with one
@@ -223,35 +224,22 @@ def validate_transfer_options(
     transfer_teacher_projections: Any, distill_weight: float = 0.0,
 ) -> None:
     """Raise one :class:`TransferOptionError` line for the first option out of its range."""
-
-    def finite(value: Any) -> bool:
-        return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-
-    if not (finite(label_smoothing) and 0 <= label_smoothing < 1):
-        raise TransferOptionError(
-            f"--label-smoothing must be in [0, 1) (0: plain cross-entropy), got {label_smoothing!r}"
-        )
-    for option, value in [("--transfer-only-updates", transfer_only_updates),
-                          ("--transfer-anneal-updates", transfer_anneal_updates),
-                          ("--ignore-prefix-size", ignore_prefix_size)]:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise TransferOptionError(f"{option} must be an integer >= 0, got {value!r}")
-    for option, value in [("--transfer-weight", transfer_weight), ("--transfer-weight-end", transfer_weight_end)]:
-        if value is not None and not (finite(value) and value >= 0):
-            raise TransferOptionError(
-                f"{option} must be a finite number >= 0 (weight of the transfer loss next to the task loss; "
-                f"0: task loss only), got {value!r}"
-            )
-    if not (finite(distill_weight) and 0 <= distill_weight <= 1):
-        raise TransferOptionError(
-            f"--distill-weight must be in [0, 1] (share of the teacher's distribution in the task loss; "
-            f"0: labels only), got {distill_weight!r}"
-        )
-    for option, value, choices in [("--transfer-loss", transfer_loss, ("output_mse", "attention_ce")),
-                                   ("--transfer-teacher-projections", transfer_teacher_projections,
-                                    ("checkpoint", "student"))]:
-        if str(value) not in choices:
-            raise TransferOptionError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
+    error = TransferOptionError
+    check_number("--label-smoothing", label_smoothing, "0: plain cross-entropy", at_least=0, below=1, error=error)
+    for name, value in [("--transfer-only-updates", transfer_only_updates),
+                        ("--transfer-anneal-updates", transfer_anneal_updates),
+                        ("--ignore-prefix-size", ignore_prefix_size)]:
+        check_int(name, value, 0, error=error)
+    for name, value in [("--transfer-weight", transfer_weight), ("--transfer-weight-end", transfer_weight_end)]:
+        if value is not None:
+            check_number(name, value, "weight of the transfer loss next to the task loss; 0: task loss only",
+                         at_least=0, error=error)
+    check_number("--distill-weight", distill_weight,
+                 "share of the teacher's distribution in the task loss; 0: labels only", at_least=0, at_most=1,
+                 error=error)
+    check_choice("--transfer-loss", transfer_loss, ("output_mse", "attention_ce"), error=error)
+    check_choice("--transfer-teacher-projections", transfer_teacher_projections, ("checkpoint", "student"),
+                 error=error)
 
 
 def _unwrapped_model(model: nn.Module) -> nn.Module:
@@ -404,11 +392,11 @@ class AttentionTransferCriterion(LabelSmoothedCrossEntropyCriterion):
     # -- teacher and hooks --------------------------------------------------------------------
 
     def _swapped_attentions(self, model: nn.Module) -> List[Tuple[str, LinearMultiheadAttention]]:
-        found = [(_unwrapped_name(n), m) for n, m in model.named_modules() if isinstance(m, LinearMultiheadAttention)]
+        found = [(_unwrapped_name(n), m) for n, m in replaced_attentions(model)]
         if not found:
             raise ValueError(
-                "--criterion t2r_attention_transfer needs a T2R model (t2r_transformer / t2r_transformer_lm): "
-                "this model has no linear attention to transfer to"
+                "--criterion t2r_attention_transfer needs a converted model (t2r_transformer / t2r_transformer_lm, "
+                "or the topk_* models): this model has no swapped attention to transfer to"
             )
         return found
 
@@ -503,35 +491,21 @@ class AttentionTransferCriterion(LabelSmoothedCrossEntropyCriterion):
 
         Materialises ``[B, H, T, S]`` weights: diagnostics (``attention_gap``), not training.
         """
-        query, key, _, kpm, qmask = self._layer_inputs(module, call)
+        query, key, value, kpm, qmask = self._layer_inputs(module, call)
         with torch.no_grad():
-            q, k, _ = module.project(query, key, key)
-            student = module.attention_weights(
-                module.feature_map(q, is_query=True), module.feature_map(k, is_query=False), kpm, q=q, k=k
-            )
-            teacher_w = teacher.weights(query, key, kpm, causal=module.causal)
+            student = LayerAttention.of(module, query, key, value, kpm).weights()
+            teacher_w = LayerAttention.of(teacher, query, key, value, kpm).weights()
             return attention_entropy(teacher_w, qmask), attention_entropy(student, qmask)
 
     def layer_loss(self, module: LinearMultiheadAttention, teacher: SoftmaxAttentionTeacher, call: Dict[str, Any]) -> Tensor:
         """Transfer loss of one layer from the inputs of its forward call (detached: a layer-local loss)."""
         query, key, value, kpm, qmask = self._layer_inputs(module, call)
-
-        with torch.no_grad() if self._transfer_only else nullcontext():
-            q, k, v = module.project(query, key, value)
-        phi_q = module.feature_map(q, is_query=True)
-        phi_k = module.feature_map(k, is_query=False)
+        student = LayerAttention.of(module, query, key, value, kpm, train_projections=not self._transfer_only)
+        target = LayerAttention.of(teacher, query, key, value, kpm)
         if self.transfer_loss == "attention_ce":
-            student = module.attention_weights(phi_q, phi_k, kpm, q=q, k=k)
-            return attention_kl(teacher.weights(query, key, kpm, causal=module.causal), student, qmask)
-        mixed = module.mix(phi_q, phi_k, v, kpm, q=q, k=k)  # [B, H, T, d]
-        B, H, T, d = mixed.shape
-        mixed = mixed.permute(0, 2, 1, 3).reshape(B, T, H * d)
-        w, b = module.out_proj.weight, module.out_proj.bias
-        if self._transfer_only:
-            w, b = w.detach(), (b.detach() if b is not None else None)
-        student_out = F.linear(mixed, w, b)
-        target = teacher.output(query, key, value, kpm, causal=module.causal).transpose(0, 1)
-        return output_mse(student_out, target, qmask)
+            return attention_kl(target.weights(), student.weights(), qmask)
+        out = student.output(train_out_proj=not self._transfer_only)
+        return output_mse(out.transpose(0, 1), target.output().transpose(0, 1), qmask)
 
     # -- fairseq criterion API ----------------------------------------------------------------
 

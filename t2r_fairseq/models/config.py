@@ -7,7 +7,6 @@ text visible in ``fairseq-train --help``.
 """
 
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -15,6 +14,7 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.utils import safe_getattr
 from omegaconf import DictConfig, open_dict
 
+from t2r_fairseq.models.option_checks import OptionError, check_choice, check_int, check_number, read_option
 from t2r_fairseq.modules.feature_maps import DEFAULT_FEATURE_MAP, FEATURE_MAPS
 from t2r_fairseq.modules.linear_multihead_attention import LinearAttentionOptions
 from t2r_fairseq.ops.linear_attention import BACKENDS, DEFAULT_CHUNK_SIZE, DEFAULT_EPS
@@ -98,7 +98,7 @@ class T2RConfig(FairseqDataclass):
     )
 
 
-class T2ROptionError(ValueError):
+class T2ROptionError(OptionError):
     """A T2R option is out of range; raised when the model is built, before fairseq loads or writes anything.
 
     Without these checks a bad value surfaces only inside the first training
@@ -108,31 +108,16 @@ class T2ROptionError(ValueError):
     """
 
 
-def _option(args: Any, name: str, default: Any) -> Any:
-    value = safe_getattr(args, name, default)
-    return default if value is None else value
-
-
 def _check_int(option: str, value: Any, low: int, meaning: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise T2ROptionError(f"{option} must be an integer >= {low} ({meaning}), got {value!r}")
-    return value
+    return check_int(option, value, low, meaning, error=T2ROptionError)
 
 
 def _check_positive_float(option: str, value: Any, meaning: str) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if isinstance(value, bool) or not (number > 0 and math.isfinite(number)):
-        raise T2ROptionError(f"{option} must be a finite number > 0 ({meaning}), got {value!r}")
-    return number
+    return check_number(option, value, meaning, above=0, error=T2ROptionError)
 
 
 def _check_choice(option: str, value: Any, choices: Any) -> str:
-    if str(value) not in choices:
-        raise T2ROptionError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
-    return str(value)
+    return check_choice(option, value, choices, error=T2ROptionError)
 
 
 def validate_t2r_options(args: Any) -> None:
@@ -142,25 +127,25 @@ def validate_t2r_options(args: Any) -> None:
     every way of building a T2R model (``fairseq-train``, hydra, checkpoint
     loading, the tools) is checked before anything is trained or written.
     """
-    feature_map = _check_choice("--feature-map", _option(args, "feature_map", DEFAULT_FEATURE_MAP), sorted(FEATURE_MAPS))
+    feature_map = _check_choice("--feature-map", read_option(args, "feature_map", DEFAULT_FEATURE_MAP), sorted(FEATURE_MAPS))
     uses_size = FEATURE_MAPS[feature_map].uses_feature_size
-    size = _option(args, "feature_size", 32)
+    size = read_option(args, "feature_size", 32)
     if uses_size:
         _check_int("--feature-size", size, 1, f"features per head of the {feature_map} feature map")
     cross = safe_getattr(args, "cross_feature_size", None)
     if cross is not None and uses_size:
         _check_int("--cross-feature-size", cross, 1, "features per head of the encoder-decoder attention's map; "
                    f"default {DEFAULT_CROSS_FEATURE_SIZE}")
-    _check_int("--linear-chunk-size", _option(args, "linear_chunk_size", DEFAULT_CHUNK_SIZE), 1,
+    _check_int("--linear-chunk-size", read_option(args, "linear_chunk_size", DEFAULT_CHUNK_SIZE), 1,
                "tokens per chunk of the chunkwise causal attention")
-    _check_positive_float("--linear-eps", _option(args, "linear_eps", DEFAULT_EPS),
+    _check_positive_float("--linear-eps", read_option(args, "linear_eps", DEFAULT_EPS),
                           f"floor of the attention normaliser; default {DEFAULT_EPS:g}")
-    _check_positive_float("--feature-map-lr-scale", _option(args, "feature_map_lr_scale",
+    _check_positive_float("--feature-map-lr-scale", read_option(args, "feature_map_lr_scale",
                                                              DEFAULT_FEATURE_MAP_LR_SCALE),
                           f"learning-rate multiplier of the feature maps; 1 = the paper, "
                           f"default {DEFAULT_FEATURE_MAP_LR_SCALE:g}")
-    _check_choice("--linear-kernel", _option(args, "linear_kernel", "auto"), list(BACKENDS))
-    _check_choice("--trainable", _option(args, "trainable", "all"), ["all", "attention"])
+    _check_choice("--linear-kernel", read_option(args, "linear_kernel", "auto"), list(BACKENDS))
+    _check_choice("--trainable", read_option(args, "trainable", "all"), ["all", "attention"])
     sliding_window_option(args)
 
 
@@ -181,14 +166,8 @@ def translation_defaults(args: Any) -> None:
 
 def sliding_window_option(args: Any) -> int:
     """``--sliding-window``, checked when the model is built (before anything is trained or written)."""
-    window = safe_getattr(args, "sliding_window", 0)
-    window = 0 if window is None else window
-    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
-        raise T2ROptionError(
-            f"--sliding-window must be an integer >= 0 (0: pure linear attention; W >= 1: softmax over the last "
-            f"W positions of causal self-attention), got {window!r}"
-        )
-    return window
+    return _check_int("--sliding-window", read_option(args, "sliding_window", 0), 0,
+                      "0: pure linear attention; W >= 1: softmax over the last W positions of causal self-attention")
 
 
 def attention_options(args: Any, cross: bool = False) -> LinearAttentionOptions:
@@ -198,7 +177,7 @@ def attention_options(args: Any, cross: bool = False) -> LinearAttentionOptions:
     if cross and safe_getattr(args, "cross_feature_size", None) is not None:
         size = args.cross_feature_size
     return LinearAttentionOptions(
-        feature_map=str(_option(args, "feature_map", DEFAULT_FEATURE_MAP)),
+        feature_map=str(read_option(args, "feature_map", DEFAULT_FEATURE_MAP)),
         feature_size=int(size),
         chunk_size=int(safe_getattr(args, "linear_chunk_size", DEFAULT_CHUNK_SIZE)),
         eps=float(safe_getattr(args, "linear_eps", DEFAULT_EPS)),

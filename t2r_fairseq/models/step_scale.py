@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from t2r_fairseq.modules.feature_maps import FeatureMap
-from t2r_fairseq.patching import patch_once
+from t2r_fairseq.hardening.patching import patch_once
 
 
 class StepScaleError(ValueError):

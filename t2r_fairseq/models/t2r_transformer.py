@@ -20,14 +20,14 @@ from t2r_fairseq.models.config import T2RTranslationConfig, translation_defaults
 from t2r_fairseq.models.layers import T2RTransformerDecoder, T2RTransformerEncoder
 from t2r_fairseq.models.shatter_transformer import add_encoder_attention_args, build_encoder, encoder_attention
 from t2r_fairseq.models.trainable import apply_trainable
-from t2r_fairseq.swap import SwapLoadMixin
+from t2r_fairseq.conversion.swap import SwapLoadMixin
 
 
 @register_model("t2r_transformer")
 class T2RTransformerModel(SwapLoadMixin, TransformerModel):
     """Decoder self- and cross-attention are linear (T2R); the encoder stays softmax
     unless ``--swap-encoder``. Loading a ``transformer`` checkpoint of the same
-    shape performs the swap (see :mod:`t2r_fairseq.swap`).
+    shape performs the swap (see :mod:`t2r_fairseq.conversion.swap`).
     """
 
     @classmethod

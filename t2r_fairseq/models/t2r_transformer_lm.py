@@ -15,7 +15,7 @@ from fairseq.models.transformer_lm import (
 from t2r_fairseq.models.config import T2RConfig, validate_t2r_options
 from t2r_fairseq.models.layers import T2RTransformerDecoder
 from t2r_fairseq.models.trainable import apply_trainable
-from t2r_fairseq.swap import SwapLoadMixin
+from t2r_fairseq.conversion.swap import SwapLoadMixin
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Any, FrozenSet
 from fairseq.dataclass import FairseqDataclass
 from fairseq.utils import safe_getattr
 
+from t2r_fairseq.models.option_checks import OptionError, check_int, read_option
 from t2r_fairseq.modules.topk_multihead_attention import TopkOptions
 from t2r_fairseq.ops.topk_attention import DEFAULT_QUERY_CHUNK
 
@@ -52,7 +53,7 @@ class TopkConfig(FairseqDataclass):
     )
 
 
-class TopkOptionError(ValueError):
+class TopkOptionError(OptionError):
     """A top-k option is out of range; raised at model build time."""
 
 
@@ -71,14 +72,11 @@ class TopkSettings:
 def topk_settings(args: Any, language_model: bool) -> TopkSettings:
     """Read and validate the top-k fields of a fairseq args namespace / config; raise :class:`TopkOptionError`."""
     valid = ATTENTIONS_LM if language_model else ATTENTIONS_MT
-    k = int(safe_getattr(args, "topk_k", 32))
-    chunk = int(safe_getattr(args, "topk_query_chunk", DEFAULT_QUERY_CHUNK))
-    ffn_k = int(safe_getattr(args, "topk_ffn_k", 0))
-    spec = str(safe_getattr(args, "topk_attention", "all")).strip()
-    if k < 1:
-        raise TopkOptionError(f"--topk-k must be >= 1 (keys kept per query), got {k}")
-    if chunk < 1:
-        raise TopkOptionError(f"--topk-query-chunk must be >= 1 (queries per chunk), got {chunk}")
+    k = check_int("--topk-k", read_option(args, "topk_k", 32), 1, "keys kept per query", error=TopkOptionError)
+    chunk = check_int("--topk-query-chunk", read_option(args, "topk_query_chunk", DEFAULT_QUERY_CHUNK), 1,
+                      "queries per chunk", error=TopkOptionError)
+    ffn_k = check_int("--topk-ffn-k", read_option(args, "topk_ffn_k", 0), 0, "0: off", error=TopkOptionError)
+    spec = str(read_option(args, "topk_attention", "all")).strip()
     if spec == "all":
         where = frozenset(valid)
     elif spec == "none":
@@ -98,10 +96,6 @@ def topk_settings(args: Any, language_model: bool) -> TopkSettings:
         if not language_model:
             dims["--encoder-ffn-embed-dim"] = safe_getattr(args, "encoder_ffn_embed_dim", None)
         for option, size in dims.items():
-            if size is not None and not 0 <= ffn_k <= int(size):
-                raise TopkOptionError(
-                    f"--topk-ffn-k must be 0 (off) or 1..{int(size)} ({option}), got {ffn_k}"
-                )
-        if ffn_k < 0:
-            raise TopkOptionError(f"--topk-ffn-k must be 0 (off) or >= 1, got {ffn_k}")
+            if size is not None and ffn_k > size:
+                raise TopkOptionError(f"--topk-ffn-k must be 0 (off) or 1..{size} ({option}), got {ffn_k}")
     return TopkSettings(attention=TopkOptions(k=k, query_chunk=chunk), where=where, ffn_k=ffn_k)

@@ -18,7 +18,7 @@ Performer's projections coincide), so shapes alone cannot tell a checkpoint's
 maps apart. Every map therefore carries a persistent integer buffer ``spec``
 (:func:`feature_map_spec`: format version, a stable id of the map's name,
 feature size, heads, head dim), saved with the weights; the loader
-(:mod:`t2r_fairseq.swap`) compares it with the model's before reinterpreting
+(:mod:`t2r_fairseq.conversion.swap`) compares it with the model's before reinterpreting
 anything. It is an integer tensor so ``model.half()`` / ``--fp16`` leave it
 alone and fairseq's ``scripts/average_checkpoints.py`` (which integer-divides
 non-float tensors) keeps it exact.

@@ -14,22 +14,17 @@ parameters live under ``feature_map``. Three roles, fixed at construction:
 The math lives in :mod:`t2r_fairseq.ops.linear_attention`; this module only
 projects, reshapes and keeps state.
 
-Generation-time fusion: a decode step is bound by reading weights and by the
-number of small kernels, not by arithmetic. In inference (eval mode, no
-autograd) with an incremental state, the q/k/v projections run as one matmul,
-and when the feature map starts with a per-head affine layer (T2R, Hedgehog)
-that layer is folded into the q and k projections: ``W_phi (s W_q x + s b_q)
-+ b_phi = (s W_phi W_q) x + (s W_phi b_q + b_phi)``. With ``k < head_dim`` the
-folded matrix is smaller than ``W_q`` itself, so T2R's feature map costs less
-than nothing in the projection. The folded weights are derived from the
-parameters, never stored in checkpoints, and recomputed whenever a parameter
-changes (in-place updates bump its version counter).
+Generation takes a fused projection (q/k/v in one matmul, the feature map's affine prefix folded in:
+:mod:`t2r_fairseq.modules.fused_projection`). What calibration, attention transfer and ``tools.attention_gap``
+read -- :meth:`project`, :meth:`attention_weights`, :meth:`attend` -- is the protocol of
+:mod:`t2r_fairseq.modules.attention_source`; the softmax this layer replaced is
+:class:`~t2r_fairseq.modules.softmax_teacher.SoftmaxAttentionTeacher`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from fairseq.incremental_decoding_utils import with_incremental_state
@@ -37,7 +32,7 @@ from fairseq.modules.quant_noise import quant_noise
 from torch import Tensor, nn
 
 from t2r_fairseq.modules.feature_maps import DEFAULT_FEATURE_MAP, build_feature_map
-from t2r_fairseq.ops.attention_transfer import softmax_attention
+from t2r_fairseq.modules.fused_projection import FusedProjection
 from t2r_fairseq.ops.linear_attention import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_EPS,
@@ -50,16 +45,6 @@ from t2r_fairseq.ops.linear_attention import (
 )
 
 IncrementalState = Dict[str, Dict[str, Optional[Tensor]]]
-
-
-@dataclass(frozen=True)
-class _FusedProjection:
-    """q(/k/v) projections, with the feature map's affine prefix folded in when ``folded``."""
-
-    weight: Tensor
-    bias: Tensor
-    sizes: list
-    folded: bool
 
 
 @dataclass(frozen=True)
@@ -139,13 +124,10 @@ class LinearMultiheadAttention(nn.Module):
         self.feature_map = build_feature_map(
             options.feature_map, num_heads, self.head_dim, options.feature_size, options.feature_map_lr_scale
         )
-        self._fused_cache: Dict[str, Tuple[tuple, "_FusedProjection"]] = {}
+        self.fused_projection = FusedProjection()
         # False: generation takes the training-time path (separate q/k/v and feature-map matmuls, out-of-place
         # state update); the benchmark's --compare-unfused times both in one run.
         self.fast_generation = True
-        # True: compute the softmax attention this layer replaced (same projections), for calibrating the
-        # feature maps on the inputs the teacher's layers see (t2r_fairseq.calibration). Whole sequences only.
-        self.softmax_teacher_mode = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -182,50 +164,10 @@ class LinearMultiheadAttention(nn.Module):
 
     # -- generation-time fused projection -----------------------------------
 
-    def _fold(self, proj: nn.Linear, scale: float, fold_map: bool, is_query: bool = True) -> Tuple[Tensor, Tensor]:
-        """``proj`` (times ``scale``) as one ``(weight, bias)``, composed with the map's affine prefix (the queries' or
-        the keys' side) if asked."""
-        weight = proj.weight * scale
-        bias = proj.bias * scale if proj.bias is not None else weight.new_zeros(weight.size(0))
-        prefix = self.feature_map.affine_prefix(is_query) if fold_map else None
-        if prefix is None:
-            return weight, bias
-        w_phi, b_phi = prefix  # [H, k, d], [H, k]
-        H, d = self.num_heads, self.head_dim
-        weight = torch.matmul(w_phi, weight.view(H, d, -1)).flatten(0, 1)  # [H*k, C_in]
-        bias = torch.matmul(w_phi, bias.view(H, d, 1)).flatten()
-        if b_phi is not None:
-            bias = bias + b_phi.flatten()
-        return weight, bias
-
-    def _fused_projection(self, role: str) -> "_FusedProjection":
-        """The cached fused projection for ``role`` ('qkv': self-attention step, 'q': cross-attention step)."""
-        tensors = [self.q_proj.weight, self.q_proj.bias, *self.feature_map.parameters(), *self.feature_map.buffers()]
-        if role == "qkv":
-            tensors += [self.k_proj.weight, self.k_proj.bias, self.v_proj.weight, self.v_proj.bias]
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors if t is not None)
-        cached = self._fused_cache.get(role)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        folded = self.fold_feature_map and self.feature_map.affine_prefix() is not None
-        with torch.no_grad():
-            parts = [self._fold(self.q_proj, self.scaling, folded)]
-            if role == "qkv":
-                parts += [self._fold(self.k_proj, 1.0, folded, is_query=False), self._fold(self.v_proj, 1.0, False)]
-            fused = _FusedProjection(
-                weight=torch.cat([w for w, _ in parts]).contiguous(),
-                bias=torch.cat([b for _, b in parts]).contiguous(),
-                sizes=[w.size(0) for w, _ in parts],
-                folded=folded,
-            )
-        self._fused_cache[role] = (key, fused)
-        return fused
-
-    def _fused_inputs(self, query: Tensor, role: str) -> list[Tensor]:
+    def _fused_inputs(self, query: Tensor, role: str) -> List[Tensor]:
         """Feature-mapped ``phi(q)`` (and ``phi(k)``, ``v`` for 'qkv') from one matmul, head-first."""
-        fused = self._fused_projection(role)
-        parts = torch.nn.functional.linear(query, fused.weight, fused.bias).split(fused.sizes, dim=-1)
-        phi = self.feature_map.activate if fused.folded else self.feature_map
+        parts, folded = self.fused_projection(self, query, role, self.fold_feature_map)
+        phi = self.feature_map.activate if folded else self.feature_map
         out = [phi(self._heads(parts[0]), True)]
         if role == "qkv":
             out += [phi(self._heads(parts[1]), False), self._heads(parts[2])]
@@ -238,12 +180,13 @@ class LinearMultiheadAttention(nn.Module):
             self.fast_generation and incremental_state is not None and not self.training and not torch.is_grad_enabled()
         )
 
+    # -- the attention-source protocol (calibration, attention transfer, attention_gap) -----------
+
     def project(self, query: Tensor, key: Tensor, value: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """Head-first ``q`` (scaled by ``head_dim ** -0.5``), ``k``, ``v`` before the feature map.
 
         ``[T|S, B, C] -> [B, H, T|S, head_dim]``; these are exactly the tensors a
-        softmax teacher with the same projections would attend with, which is
-        what attention transfer compares against.
+        softmax teacher with the same projections would attend with.
         """
         return (
             self._heads(self.q_proj(query) * self.scaling),
@@ -251,23 +194,24 @@ class LinearMultiheadAttention(nn.Module):
             self._heads(self.v_proj(value)),
         )
 
-    def mix(
-        self,
-        phi_q: Tensor,
-        phi_k: Tensor,
-        v: Tensor,
-        key_padding_mask: Optional[Tensor] = None,
-        *,
-        q: Optional[Tensor] = None,
-        k: Optional[Tensor] = None,
-    ) -> Tensor:
-        """Whole-sequence (non-incremental) attention of this layer's role, ``[B, H, T, head_dim]``.
+    def attention_weights(self, q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """Explicit normalised weights ``[B, H, T, S]`` of this layer's role from the projected ``q``/``k``
+        (O(T S); diagnostics, calibration and attention transfer's cross-entropy)."""
+        phi_q, phi_k = self.feature_map(q, is_query=True), self.feature_map(k, is_query=False)
+        return linear_attention_weights(phi_q, phi_k, key_padding_mask, causal=self.causal, eps=self.options.eps)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """Whole-sequence attention ``[B, H, T, head_dim]`` from the projected ``q``/``k``/``v``, as forward runs it."""
+        return self._mix(self.feature_map(q, is_query=True), self.feature_map(k, is_query=False), v, key_padding_mask)
+
+    def output_projection(self) -> Tuple[Tensor, Optional[Tensor]]:
+        return self.out_proj.weight, self.out_proj.bias
+
+    def _mix(self, phi_q: Tensor, phi_k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """Whole-sequence (non-incremental) linear attention of this layer's role, ``[B, H, T, head_dim]``.
 
         Causal self-attention uses the chunkwise O(L) form; cross and
-        bidirectional attention summarise the keys once and read out. ``q``/``k``
-        (the raw tensors of :meth:`project`) are unused here; attentions with a
-        softmax part (the sliding-window hybrid) need them, so callers such as
-        attention transfer pass them.
+        bidirectional attention summarise the keys once and read out.
         """
         if self.causal:
             out, _ = causal_linear_attention(
@@ -277,14 +221,6 @@ class LinearMultiheadAttention(nn.Module):
             return out
         state = linear_attention_state(phi_k, v, key_padding_mask)
         return linear_attention_readout(phi_q, state, self.options.eps).to(v.dtype)
-
-    def attention_weights(
-        self, phi_q: Tensor, phi_k: Tensor, key_padding_mask: Optional[Tensor] = None, *,
-        q: Optional[Tensor] = None, k: Optional[Tensor] = None,
-    ) -> Tensor:
-        """Explicit normalised weights ``[B, H, T, S]`` of this layer's role (O(T S); diagnostics, attention
-        transfer's cross-entropy). ``q``/``k`` as in :meth:`mix`."""
-        return linear_attention_weights(phi_q, phi_k, key_padding_mask, causal=self.causal, eps=self.options.eps)
 
     # -- forward --------------------------------------------------------------
 
@@ -314,14 +250,6 @@ class LinearMultiheadAttention(nn.Module):
         if need_head_weights:
             need_weights = True
 
-        if self.softmax_teacher_mode:
-            if incremental_state is not None:
-                raise ValueError("softmax_teacher_mode is for whole sequences, not incremental decoding")
-            key = query if key is None else key
-            q, k, v = self.project(query, key, key if value is None else value)
-            out = softmax_attention(q, k, v, key_padding_mask, causal=self.causal)
-            return self.out_proj(self._merge(out)), None
-
         if self.encoder_decoder_attention:
             return self._cross_attention(query, key, key_padding_mask, incremental_state, need_weights, need_head_weights)
 
@@ -334,7 +262,7 @@ class LinearMultiheadAttention(nn.Module):
         if self.causal and incremental_state is not None:
             out = self._causal_incremental(phi_q, phi_k, v, key_padding_mask, incremental_state)
         else:
-            out = self.mix(phi_q, phi_k, v, key_padding_mask)
+            out = self._mix(phi_q, phi_k, v, key_padding_mask)
         return self.out_proj(self._merge(out)), None
 
     def _causal_incremental(

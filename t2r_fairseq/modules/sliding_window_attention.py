@@ -15,7 +15,7 @@ causal self-attention of a T2R decoder (``--sliding-window W``):
   training moves it per head.
 * ``window_size [1]``: the ``W`` the layer was built with, a persistent
   integer buffer, so a checkpoint says which window its ``window_logit`` was
-  trained for and a load into another ``W`` stops (:mod:`t2r_fairseq.swap`)
+  trained for and a load into another ``W`` stops (:mod:`t2r_fairseq.conversion.swap`)
   instead of silently running a different model.
 * the math is :mod:`t2r_fairseq.ops.sliding_window` (stabiliser, floor and the
   exact limits ``W = 0`` / ``W >= L`` are documented there);
@@ -89,21 +89,10 @@ class SlidingWindowAttention(LinearMultiheadAttention):
 
     # -- whole sequences ------------------------------------------------------------
 
-    def mix(
-        self,
-        phi_q: Tensor,
-        phi_k: Tensor,
-        v: Tensor,
-        key_padding_mask: Optional[Tensor] = None,
-        *,
-        q: Optional[Tensor] = None,
-        k: Optional[Tensor] = None,
-    ) -> Tensor:
-        """The hybrid over a whole sequence. ``q``/``k`` (from :meth:`project`) are required: the window scores
-        them directly; ``phi_k`` is unused (keys are mapped as they leave the window)."""
-        if q is None or k is None:
-            raise ValueError("sliding-window attention needs the raw q and k (mix(..., q=q, k=k)) for its window")
-        return self._whole_sequence(q, k, v, phi_q, key_padding_mask)
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """The hybrid over a whole sequence from the projected ``q``/``k``/``v``: the window scores ``q``/``k``
+        directly, keys are mapped as they leave the window."""
+        return self._whole_sequence(q, k, v, self.feature_map(q, is_query=True), key_padding_mask)
 
     def _whole_sequence(self, q: Tensor, k: Tensor, v: Tensor, phi_q: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
         out, _ = sliding_window_attention(
@@ -112,15 +101,11 @@ class SlidingWindowAttention(LinearMultiheadAttention):
         )
         return out
 
-    def attention_weights(
-        self, phi_q: Tensor, phi_k: Tensor, key_padding_mask: Optional[Tensor] = None, *,
-        q: Optional[Tensor] = None, k: Optional[Tensor] = None,
-    ) -> Tensor:
-        """Explicit ``[B, H, T, T]`` weights of the hybrid (O(T^2): attention-transfer CE, diagnostics)."""
-        if q is None or k is None:
-            raise ValueError("sliding-window attention weights need the raw q and k (q=..., k=...)")
-        return sliding_window_weights(q, k, phi_q, self.gamma, self._key_map, self.window, key_padding_mask,
-                                      eps=self.options.eps)
+    def attention_weights(self, q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """Explicit ``[B, H, T, T]`` weights of the hybrid -- window, linear rest and mixing factor -- (O(T^2):
+        calibration, attention transfer's cross-entropy, diagnostics)."""
+        return sliding_window_weights(q, k, self.feature_map(q, is_query=True), self.gamma, self._key_map, self.window,
+                                      key_padding_mask, eps=self.options.eps)
 
     # -- forward --------------------------------------------------------------------
 
@@ -139,8 +124,6 @@ class SlidingWindowAttention(LinearMultiheadAttention):
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """fairseq's signature, time-major ``[T, B, C]``; causality (and the window) are built in, so the
         decoder's future mask, if any, is not needed."""
-        if self.softmax_teacher_mode:  # the teacher's softmax attention (calibration): the parent computes it
-            return super().forward(query, key, value, key_padding_mask, incremental_state)
         if before_softmax:
             raise ValueError("before_softmax is not supported by sliding-window attention (its softmax is partial)")
         if key_padding_mask is not None:
@@ -159,8 +142,7 @@ class SlidingWindowAttention(LinearMultiheadAttention):
 
     def _fused_raw_qkv(self, query: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """Scaled q, k, v (head-first) from one cached matmul (``fold_feature_map`` is off, so nothing is folded)."""
-        fused = self._fused_projection("qkv")
-        parts = torch.nn.functional.linear(query, fused.weight, fused.bias).split(fused.sizes, dim=-1)
+        parts, _ = self.fused_projection(self, query, "qkv", fold_map=False)
         return self._heads(parts[0]), self._heads(parts[1]), self._heads(parts[2])
 
     def _window_incremental(

@@ -7,16 +7,22 @@ that layer's four projections. :class:`SoftmaxAttentionTeacher` holds exactly
 those, as non-persistent buffers: they never train, never enter the optimizer
 and are never written into a checkpoint, so the finetuned model loads for
 generation without its teacher.
+
+The same object, built on a swapped layer's *own* projections (:meth:`SoftmaxAttentionTeacher.from_student`), is
+what calibration runs in place of each swapped layer (:func:`teacher_forward`), so that every layer sees exactly
+the inputs the teacher's layers saw. It answers the protocol of :mod:`t2r_fairseq.modules.attention_source`.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from t2r_fairseq.modules.attention_source import LayerAttention
 from t2r_fairseq.ops.attention_transfer import softmax_attention, softmax_attention_weights
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -29,9 +35,10 @@ class TeacherLoadError(ValueError):
 class SoftmaxAttentionTeacher(nn.Module):
     """fairseq's softmax multi-head attention, frozen, from stored projection weights."""
 
-    def __init__(self, tensors: Mapping[str, Optional[Tensor]], num_heads: int) -> None:
+    def __init__(self, tensors: Mapping[str, Optional[Tensor]], num_heads: int, *, causal: bool) -> None:
         super().__init__()
         self.num_heads = num_heads
+        self.causal = causal
         for name, tensor in tensors.items():
             self.register_buffer(name, None if tensor is None else tensor.detach(), persistent=False)
         self.scaling = (self.q_proj_weight.size(0) // num_heads) ** -0.5
@@ -58,7 +65,7 @@ class SoftmaxAttentionTeacher(nn.Module):
                         f"{tuple(own.shape)}: the teacher must have the student's architecture"
                     )
                 tensors[f"{proj}_{kind}"] = state[key].to(device=own.device, dtype=own.dtype)
-        return cls(tensors, student.num_heads)
+        return cls(tensors, student.num_heads, causal=student.causal)
 
     @classmethod
     def from_student(cls, student: nn.Module) -> "SoftmaxAttentionTeacher":
@@ -66,32 +73,56 @@ class SoftmaxAttentionTeacher(nn.Module):
         tensors = {
             f"{proj}_{kind}": getattr(getattr(student, proj), kind) for proj in PROJECTIONS for kind in ("weight", "bias")
         }
-        return cls(tensors, student.num_heads)
+        return cls(tensors, student.num_heads, causal=student.causal)
 
     def _heads(self, x: Tensor) -> Tensor:
         T, B, _ = x.shape
         return x.view(T, B, self.num_heads, -1).permute(1, 2, 0, 3)
 
-    def _q(self, query: Tensor) -> Tensor:
-        """Head-first queries scaled by ``head_dim ** -0.5``, as fairseq's ``MultiheadAttention`` forms them."""
-        return self._heads(F.linear(query, self.q_proj_weight, self.q_proj_bias) * self.scaling)
+    # -- the attention-source protocol ---------------------------------------------------------
 
-    def _k(self, key: Tensor) -> Tensor:
-        return self._heads(F.linear(key, self.k_proj_weight, self.k_proj_bias))
+    def project(self, query: Tensor, key: Tensor, value: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Head-first ``q`` (scaled by ``head_dim ** -0.5``, as fairseq's ``MultiheadAttention`` forms it), ``k``, ``v``."""
+        return (
+            self._heads(F.linear(query, self.q_proj_weight, self.q_proj_bias) * self.scaling),
+            self._heads(F.linear(key, self.k_proj_weight, self.k_proj_bias)),
+            self._heads(F.linear(value, self.v_proj_weight, self.v_proj_bias)),
+        )
 
-    def _v(self, value: Tensor) -> Tensor:
-        return self._heads(F.linear(value, self.v_proj_weight, self.v_proj_bias))
+    def attention_weights(self, q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """The teacher's softmax weights ``[B, H, T, S]`` (fp32)."""
+        return softmax_attention_weights(q, k, key_padding_mask, causal=self.causal)
 
-    @torch.no_grad()
-    def output(
-        self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor], *, causal: bool
-    ) -> Tensor:
-        """The teacher layer's attention output, time-major ``[T, B, C]`` after its ``out_proj``."""
-        out = softmax_attention(self._q(query), self._k(key), self._v(value), key_padding_mask, causal=causal)
-        B, H, T, d = out.shape
-        return F.linear(out.permute(2, 0, 1, 3).reshape(T, B, H * d), self.out_proj_weight, self.out_proj_bias)
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """The teacher's softmax attention ``[B, H, T, head_dim]`` (SDPA: no ``T x S`` weights kept on GPU)."""
+        return softmax_attention(q, k, v, key_padding_mask, causal=self.causal)
 
-    @torch.no_grad()
-    def weights(self, query: Tensor, key: Tensor, key_padding_mask: Optional[Tensor], *, causal: bool) -> Tensor:
-        """The teacher's softmax attention weights ``[B, H, T, S]`` (fp32)."""
-        return softmax_attention_weights(self._q(query), self._k(key), key_padding_mask, causal=causal)
+    def output_projection(self) -> Tuple[Tensor, Optional[Tensor]]:
+        return self.out_proj_weight, self.out_proj_bias
+
+
+_FORWARD_ARGS = ("query", "key", "value", "key_padding_mask", "incremental_state")
+
+
+@contextmanager
+def teacher_forward(layers: Sequence[nn.Module]) -> Iterator[None]:
+    """Inside the block each of ``layers`` (swapped attentions) computes the softmax attention it replaced,
+    through its own current projections; whole sequences only. Forward hooks on the layers still run."""
+    def forward_of(layer: nn.Module, teacher: SoftmaxAttentionTeacher):
+        def forward(*args: Any, **kwargs: Any) -> Tuple[Tensor, None]:
+            call = dict(zip(_FORWARD_ARGS, args), **kwargs)
+            if call.get("incremental_state") is not None:
+                raise ValueError("the softmax teacher forward is for whole sequences, not incremental decoding")
+            attention = LayerAttention.of(teacher, call["query"], call.get("key"), call.get("value"),
+                                          call.get("key_padding_mask"))
+            return attention.output(), None
+
+        return forward
+
+    for layer in layers:
+        layer.forward = forward_of(layer, SoftmaxAttentionTeacher.from_student(layer))
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward

@@ -77,6 +77,32 @@ class TopkMultiheadAttention(MultiheadAttention):
         T, B, _ = x.shape
         return x.contiguous().view(T, B, self.num_heads, self.head_dim).permute(1, 2, 0, 3)
 
+    # -- the attention-source protocol (attention_gap, attention transfer; t2r_fairseq.modules.attention_source) --
+
+    def project(self, query: Tensor, key: Tensor, value: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Head-first ``q`` (scaled), ``k``, ``v``: ``[T|S, B, C] -> [B, H, T|S, head_dim]``."""
+        return (
+            self._heads(self.q_proj(query) * self.scaling),
+            self._heads(self.k_proj(key)),
+            self._heads(self.v_proj(value)),
+        )
+
+    def attention_weights(self, q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """Explicit ``[B, H, T, S]`` top-k weights (zero outside each query's ``k`` kept keys)."""
+        _, weights = topk_attention(q, k, k, self.options.k, key_padding_mask=key_padding_mask, causal=self.causal,
+                                    query_chunk=self.options.query_chunk, need_weights=True)
+        assert weights is not None
+        return weights
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """Whole-sequence top-k attention ``[B, H, T, head_dim]`` (no dropout: a comparison, not training)."""
+        out, _ = topk_attention(q, k, v, self.options.k, key_padding_mask=key_padding_mask, causal=self.causal,
+                                query_chunk=self.options.query_chunk)
+        return out
+
+    def output_projection(self) -> Tuple[Tensor, Optional[Tensor]]:
+        return self.out_proj.weight, self.out_proj.bias
+
     def forward(  # type: ignore[override]
         self,
         query: Tensor,

@@ -25,7 +25,7 @@ from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY, ARCH_MODEL
 from omegaconf import OmegaConf
 
 import t2r_fairseq  # noqa: F401  (registers the models and their presets)
-from t2r_fairseq.checkpoint_errors import CheckpointReadError
+from t2r_fairseq.hardening.checkpoint_errors import CheckpointReadError
 
 T2R_MODELS = {"transformer": "t2r_transformer", "transformer_lm": "t2r_transformer_lm"}
 

@@ -16,7 +16,7 @@ It also prints each layer's mean attention entropy in nats, the teacher's
 on the same inputs: whether the converted attention is as sharp as the teacher's.
 The converted layer's weights are its own ``attention_weights`` (for the
 sliding-window hybrid: window, linear rest and mixing factor), the same source
-that calibration (:mod:`t2r_fairseq.calibration`) fits, so right after
+that calibration (:mod:`t2r_fairseq.conversion.calibration`) fits, so right after
 ``tools.convert`` the per-layer KL here (``--loss attention_ce``) and the one
 convert prints measure the same function (here on this split and on the
 converted model's own layer inputs, there on the teacher's).
@@ -37,7 +37,7 @@ from fairseq import checkpoint_utils, metrics, utils
 
 import t2r_fairseq  # noqa: F401  (registers the models and the criterion)
 from t2r_fairseq.criterions.attention_transfer import AttentionTransferCriterion
-from t2r_fairseq.checkpoint_errors import CheckpointReadError
+from t2r_fairseq.hardening.checkpoint_errors import CheckpointReadError
 
 
 def attention_gap(data: str, path: str, teacher: str, subset: str = "valid", loss: str = "output_mse",

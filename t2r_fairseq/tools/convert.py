@@ -12,7 +12,7 @@ spends its first hundreds of updates relearning where to attend. This tool
 performs the same swap and then fits each swapped layer's new tensors (the
 feature map; with ``--sliding-window`` also the per-head mixing factor) to the
 teacher's softmax attention on a few training batches
-(:mod:`t2r_fairseq.calibration`, one layer at a time; minutes for a small model on a CPU, the README
+(:mod:`t2r_fairseq.conversion.calibration`, one layer at a time; minutes for a small model on a CPU, the README
 and docs/REHEARSAL.md give the full-size cost), before any
 finetuning, and logs one line per layer (KL to the teacher before -> after,
 entropies, wall time). Every other tensor keeps the teacher's value exactly.
@@ -40,11 +40,11 @@ from fairseq.models import ARCH_MODEL_NAME_REGISTRY, ARCH_MODEL_REGISTRY
 from omegaconf import OmegaConf, open_dict
 
 import t2r_fairseq  # noqa: F401  (registers the models)
-from t2r_fairseq.checkpoint_errors import CheckpointReadError
+from t2r_fairseq.hardening.checkpoint_errors import CheckpointReadError
 from t2r_fairseq.devices import parse_device
 from t2r_fairseq.models.config import DEFAULT_FEATURE_MAP
-from t2r_fairseq.calibration import LayerCalibration, calibrate_feature_maps
-from t2r_fairseq.swap import NEW_TENSOR_PATTERN
+from t2r_fairseq.conversion.calibration import LayerCalibration, calibrate_feature_maps
+from t2r_fairseq.conversion.swap import NEW_TENSOR_PATTERN
 from t2r_fairseq.tools.arch_flags import T2R_MODELS, architecture_flags
 
 logger = logging.getLogger("t2r_fairseq.convert")

@@ -30,7 +30,7 @@ from typing import Any, Dict, MutableMapping, Tuple, Union
 import torch
 
 import t2r_fairseq  # noqa: F401  (registers the models; safe loading of fairseq checkpoints)
-from t2r_fairseq.checkpoint_errors import CheckpointReadError, load_torch_file_safely
+from t2r_fairseq.hardening.checkpoint_errors import CheckpointReadError, load_torch_file_safely
 from t2r_fairseq.models.topk_config import TopkOptionError, topk_settings
 from t2r_fairseq.ops.topk_attention import DEFAULT_QUERY_CHUNK
 

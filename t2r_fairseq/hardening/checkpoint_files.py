@@ -19,7 +19,7 @@ import os
 import shutil
 from typing import Any, Callable
 
-from t2r_fairseq.patching import patch_once
+from t2r_fairseq.hardening.patching import patch_once
 
 
 def atomic_copy(src_path: str, dst_path: str) -> bool:

@@ -5,8 +5,8 @@ from deep inside torch or its own wrappers: a text file as ``IndexError: pop fro
 copy as a zip error without a path, a malicious pickle with torch's advice to retry with
 ``weights_only=False`` (which would run it), a directory passed to ``--finetune-from-model`` as a run that
 silently trains from scratch, another dictionary as a multi-line ``size mismatch`` list, and our own
-:class:`~t2r_fairseq.swap.SwapError` buried under ``Cannot load model parameters from checkpoint``. Each
-function here patches one fairseq entry point (once, :func:`t2r_fairseq.patching.patch_once`) so that the
+:class:`~t2r_fairseq.conversion.swap.SwapError` buried under ``Cannot load model parameters from checkpoint``. Each
+function here patches one fairseq entry point (once, :func:`t2r_fairseq.hardening.patching.patch_once`) so that the
 last line the user sees says what the file is and what to do.
 """
 
@@ -22,8 +22,8 @@ from typing import Any, Callable, List
 
 import torch
 
-from t2r_fairseq.fairseq_compat import SAFE_FAIRSEQ_GLOBALS
-from t2r_fairseq.patching import patch_once
+from t2r_fairseq.hardening.fairseq_compat import SAFE_FAIRSEQ_GLOBALS
+from t2r_fairseq.hardening.patching import patch_once
 
 
 class CheckpointReadError(RuntimeError):
@@ -244,7 +244,7 @@ def name_dictionary_in_vocabulary_mismatches() -> None:
     ``fairseq-generate`` / ``fairseq-eval-lm`` build the model from the data
     directory's ``dict*.txt`` and then load the checkpoint; with another
     dictionary the embeddings differ in their first dimension only. T2R models
-    say so in their own loader (:mod:`t2r_fairseq.swap`); this covers fairseq's
+    say so in their own loader (:mod:`t2r_fairseq.conversion.swap`); this covers fairseq's
     models (the softmax teachers, the top-k models), wrapping
     ``BaseFairseqModel.load_state_dict`` and, to name the data directory,
     ``checkpoint_utils.load_model_ensemble_and_task``.
@@ -286,7 +286,7 @@ def name_dictionary_in_vocabulary_mismatches() -> None:
 
 
 def surface_swap_errors_in_trainer() -> None:
-    """Let a :class:`~t2r_fairseq.swap.SwapError` be the last line ``fairseq-train`` prints.
+    """Let a :class:`~t2r_fairseq.conversion.swap.SwapError` be the last line ``fairseq-train`` prints.
 
     fairseq's ``Trainer.load_checkpoint`` turns any error of the model's load
     into ``Exception: Cannot load model parameters from checkpoint ...; please
@@ -299,7 +299,7 @@ def surface_swap_errors_in_trainer() -> None:
     """
     from fairseq.trainer import Trainer
 
-    from t2r_fairseq.swap import SwapError
+    from t2r_fairseq.conversion.swap import SwapError
 
     def surface(original: Callable[..., Any]) -> Callable[..., Any]:
         def load_checkpoint(self: Any, filename: str, *args: Any, **kwargs: Any) -> Any:

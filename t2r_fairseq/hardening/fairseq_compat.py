@@ -11,12 +11,12 @@
   allow-list ``fairseq-generate`` fails with ``Unsupported global:
   argparse.Namespace``. We allow-list exactly the plain-data classes fairseq
   writes, keeping safe loading on for everything else, instead of turning it off
-  globally (:mod:`t2r_fairseq.checkpoint_errors` then forces it on).
+  globally (:mod:`t2r_fairseq.hardening.checkpoint_errors` then forces it on).
 * ``np.compat.long``, removed in numpy 2, still used by fairseq.
 
 The plugin's other adjustments of fairseq each live in their own module:
-:mod:`t2r_fairseq.checkpoint_errors`, :mod:`t2r_fairseq.dataset_checks`,
-:mod:`t2r_fairseq.fairseq_help`, :mod:`t2r_fairseq.checkpoint_files`.
+:mod:`t2r_fairseq.hardening.checkpoint_errors`, :mod:`t2r_fairseq.hardening.dataset_checks`,
+:mod:`t2r_fairseq.hardening.fairseq_help`, :mod:`t2r_fairseq.hardening.checkpoint_files`.
 """
 
 from __future__ import annotations

@@ -9,15 +9,15 @@ layer's new tensors can be fitted to it directly, layer by layer, on a few batch
 For each swapped layer in turn:
 
 1. run the model with every swapped layer computing the softmax attention it
-   replaced (``softmax_teacher_mode``) and capture *this* layer's projected q/k
+   replaced (:func:`~t2r_fairseq.modules.softmax_teacher.teacher_forward`) and capture *this* layer's projected q/k
    and masks; the forward stops right after the layer. Its inputs are exactly the
    teacher's: teacher mode does not read the tensors being fitted, so fitting the
    layers before it changed nothing upstream;
 2. fit the layer's new tensors -- the ones the swap adds (``swap.NEW_TENSOR_PATTERN``):
    the feature map, and for the sliding-window hybrid its mixing factor
    ``window_logit`` -- with Adam to minimise ``KL(softmax weights || the layer's own
-   weights)`` (Hedgehog's attention cross-entropy). The layer's weights come from its
-   :meth:`~LinearMultiheadAttention.attention_weights`, the one source that attention
+   weights)`` (Hedgehog's attention cross-entropy). Both weights come from
+   :class:`~t2r_fairseq.modules.attention_source.LayerAttention`, the one source that attention
    transfer and ``tools.attention_gap`` also use, so the KL printed is the model's
    (for the hybrid: softmax window, linear rest and the mixing factor). Each step
    costs one layer's attention, not a model forward.
@@ -40,16 +40,17 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from t2r_fairseq.modules.attention_source import LayerAttention
 from t2r_fairseq.modules.linear_multihead_attention import LinearMultiheadAttention
-from t2r_fairseq.ops.attention_transfer import attention_entropy, attention_kl, softmax_attention_weights
-from t2r_fairseq.swap import NEW_TENSOR_PATTERN
+from t2r_fairseq.modules.softmax_teacher import SoftmaxAttentionTeacher, teacher_forward
+from t2r_fairseq.ops.attention_transfer import attention_entropy, attention_kl
+from t2r_fairseq.conversion.swap import NEW_TENSOR_PATTERN
 
 logger = logging.getLogger(__name__)
 _SIGNATURE = inspect.signature(LinearMultiheadAttention.forward)
@@ -80,19 +81,6 @@ def swapped_attentions(model: nn.Module) -> List[Tuple[str, LinearMultiheadAtten
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LinearMultiheadAttention)]
 
 
-@contextmanager
-def softmax_teacher_mode(model: nn.Module) -> Iterator[List[Tuple[str, LinearMultiheadAttention]]]:
-    """Every swapped attention of ``model`` computes its teacher's softmax attention inside the block."""
-    layers = swapped_attentions(model)
-    for _, m in layers:
-        m.softmax_teacher_mode = True
-    try:
-        yield layers
-    finally:
-        for _, m in layers:
-            m.softmax_teacher_mode = False
-
-
 @dataclass
 class LayerInputs:
     """One layer's teacher-exact inputs on one batch; the teacher's weights are recomputed, not stored."""
@@ -103,15 +91,16 @@ class LayerInputs:
     query_mask: Optional[Tensor]  # [B, T] True at real query positions
 
     def teacher(self, module: LinearMultiheadAttention) -> Tensor:
-        """The teacher's softmax weights ``[B, H, T, S]`` (fp32)."""
-        return softmax_attention_weights(self.q, self.k, self.key_padding_mask, causal=module.causal)
+        """The teacher's softmax weights ``[B, H, T, S]`` (fp32): the layer's own projections, softmax."""
+        return self._attention(SoftmaxAttentionTeacher.from_student(module)).weights()
 
     def student(self, module: LinearMultiheadAttention) -> Tensor:
         """The layer's own weights ``[B, H, T, S]``: whatever its attention function is (linear, hybrid)."""
-        fm = module.feature_map
-        return module.attention_weights(
-            fm(self.q, is_query=True), fm(self.k, is_query=False), self.key_padding_mask, q=self.q, k=self.k
-        )
+        return self._attention(module).weights()
+
+    def _attention(self, source: Any) -> LayerAttention:
+        # q and k were projected at capture by the layer's projections, which the teacher shares
+        return LayerAttention(source, self.q, self.k, self.k, self.key_padding_mask)
 
 
 class _LayerDone(Exception):
@@ -149,7 +138,7 @@ def capture_layer_inputs(
 
     was_training = model.training
     model.eval()
-    with softmax_teacher_mode(model), torch.no_grad():
+    with teacher_forward([m for _, m in swapped_attentions(model)]), torch.no_grad():
         handle = module.register_forward_hook(hook, with_kwargs=True)
         try:
             for net_input, qmask in zip(batches, query_masks):

@@ -27,7 +27,7 @@ import os
 import struct
 from typing import Any, Callable, Iterator, List, Tuple
 
-from t2r_fairseq.patching import patch_once
+from t2r_fairseq.hardening.patching import patch_once
 
 FULL_CHECK_ENV = "T2R_FULL_DATASET_CHECK"
 SAMPLE_BLOCKS = 16  # contiguous blocks (the first at the file's start, the last at its end): a few seeks
