@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Shatter vs multi-head RoBERTa, small masked-LM study on WikiText-2 (docs/SHATTER.md, issue 34, item 3).
 # Train/dev are cut from ../shared/data/wikitext-2/valid.txt (first 3400 lines / last 360); test.txt is never read.
-# Usage: recipes/shatter_study.sh [UPDATES] [VARIANTS...]   (logs and data under runs/shatter/, git-ignored)
+# Usage: [SEED=1] recipes/shatter_study.sh [UPDATES] [VARIANTS...]   (logs and data under runs/shatter/, git-ignored;
+# seed 1 writes logs/VARIANT.log, another seed logs/VARIANT_seedN.log)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 UPDATES=${1:-400}; shift || true
@@ -9,6 +10,8 @@ VARIANTS=${*:-"multihead shatter"}
 PY=${PY:-.venv/bin}
 W=${WIKITEXT:-../shared/data/wikitext-2/valid.txt}
 R=runs/shatter
+SEED=${SEED:-1}
+SUFFIX=$([ "$SEED" = 1 ] || echo "_seed$SEED")
 mkdir -p "$R/data" "$R/logs"
 if [ ! -f "$R/data/bin/train.bin" ]; then
   head -n 3400 "$W" > "$R/data/train.txt"; tail -n +3401 "$W" > "$R/data/dev.txt"
@@ -19,7 +22,7 @@ fi
 COMMON=(--user-dir t2r_fairseq --task masked_lm --criterion masked_lm --tokens-per-sample 128
   --encoder-layers 4 --encoder-embed-dim 128 --encoder-ffn-embed-dim 512 --encoder-attention-heads 4
   --optimizer adam --adam-betas "(0.9,0.98)" --lr 1e-3 --lr-scheduler inverse_sqrt --warmup-updates 50
-  --clip-norm 1.0 --batch-size 16 --max-update "$UPDATES" --seed 1 --cpu --num-workers 0
+  --clip-norm 1.0 --batch-size 16 --max-update "$UPDATES" --seed "$SEED" --cpu --num-workers 0
   --validate-interval-updates 50 --no-save --log-format json --log-interval 25)
 for v in $VARIANTS; do
   case $v in
@@ -30,6 +33,6 @@ for v in $VARIANTS; do
   esac
   start=$(date +%s)
   OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} nice -n 10 "$PY/fairseq-train" "$R/data/bin" "${COMMON[@]}" "${ARCH[@]}" \
-    > "$R/logs/$v.log" 2>&1
-  echo "$v wall_s $(( $(date +%s) - start ))" | tee -a "$R/logs/wall.txt"
+    > "$R/logs/$v$SUFFIX.log" 2>&1
+  echo "$v$SUFFIX wall_s $(( $(date +%s) - start ))" | tee -a "$R/logs/wall.txt"
 done

@@ -59,8 +59,11 @@ def main(argv: List[str] | None = None) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
+        import logging
+
         import matplotlib.pyplot as plt
 
+        logging.getLogger("matplotlib").setLevel(logging.WARNING)  # importing t2r_fairseq leaves the root at DEBUG
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
         for n in names:
             v = runs[n]["valid"]
@@ -86,8 +89,11 @@ def main(argv: List[str] | None = None) -> None:
             import matplotlib
 
             matplotlib.use("Agg")
+            import logging
+
             import matplotlib.pyplot as plt
 
+            logging.getLogger("matplotlib").setLevel(logging.WARNING)
             fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
             for v in variants:
                 rr = sorted((r for r in rows if r["variant"] == v), key=lambda r: r["length"])
