@@ -4,8 +4,9 @@
 
 Each row builds fairseq's ``TransformerEncoderLayerBase`` (multi-head softmax) and
 :class:`~t2r_fairseq.models.shatter_layers.ShatterEncoderLayer` of the same width and FFN, in training mode
-(dropout as given), and reports per length: the median fwd+bwd time of a training step on random inputs with
-padding-free batches, the bytes autograd saves for backward (deterministic; the memory the claim is about), and
+(dropout as given), and reports per length: the median and minimum fwd+bwd time of a training step on random
+inputs with padding-free batches, the two variants' steps interleaved (A B A B ...) so that both see the same
+background load, the bytes autograd saves for backward (deterministic; the memory the claim is about), and
 the process's peak RSS (CPU) / allocator peak (CUDA) for the step. Writes JSON rows with ``--out``.
 """
 
@@ -13,8 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
-from typing import List
+from typing import Dict, List
 
 import torch
 
@@ -49,7 +51,7 @@ def main(argv: List[str] | None = None) -> List[dict]:
     p.add_argument("--partitions", type=int, default=3)
     p.add_argument("--score", default="sigmoid")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="JSON file for the rows")
@@ -60,26 +62,35 @@ def main(argv: List[str] | None = None) -> List[dict]:
     rows = []
     for length in (int(x) for x in a.lengths.split(",")):
         x = torch.randn(length, a.batch, a.dim, device=device)
+
+        def step(layer: torch.nn.Module) -> None:
+            out = layer(x.requires_grad_(), None)
+            out = out[0] if isinstance(out, tuple) else out
+            out.float().square().mean().backward()
+
+        for layer in layers.values():
+            layer.to(device).train()
+            for _ in range(a.warmup):
+                step(layer)
+        # Interleaved (A B A B ...): on a shared machine both variants then see the same background load.
+        times: Dict[str, List[float]] = {name: [] for name in layers}
+        for _ in range(a.repeats):
+            for name, layer in layers.items():
+                times[name].append(timeit(lambda: step(layer), 0, 1, device)["median_ms"])
         for name, layer in layers.items():
-            layer = layer.to(device).train()
-
-            def step() -> torch.Tensor:
-                out = layer(x.requires_grad_(), None)
-                out = out[0] if isinstance(out, tuple) else out
-                out.float().square().mean().backward()
-                return out
-
-            t = timeit(step, a.warmup, a.repeats, device)
             reset_peak_memory(device)
-            step()
+            step(layer)
             peak = peak_memory_mib(device)
             saved = saved_activation_bytes(lambda: layer(x.requires_grad_(), None))
+            t = {"median_ms": statistics.median(times[name]), "min_ms": min(times[name]),
+                 "spread_ms": max(times[name]) - min(times[name])}
             row = {"variant": name, "length": length, "batch": a.batch, "dim": a.dim,
                    "params": sum(q.numel() for q in layer.parameters()), **t,
                    "saved_activation_mib": saved / 2**20, "peak_mib": peak}
             rows.append(row)
-            print(f"{name:>14} L {length:>5}: {t['median_ms']:9.1f} ms fwd+bwd (spread {t['spread_ms']:.1f}), saved "
-                  f"{row['saved_activation_mib']:8.1f} MiB, peak {peak:8.1f} MiB, params {row['params']}", flush=True)
+            print(f"{name:>14} L {length:>5}: {t['median_ms']:9.1f} ms fwd+bwd (min {t['min_ms']:.1f}, spread "
+                  f"{t['spread_ms']:.1f}), saved {row['saved_activation_mib']:8.1f} MiB, peak {peak:8.1f} MiB, "
+                  f"params {row['params']}", flush=True)
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"argv": sys.argv, "rows": rows}, f, indent=1)

@@ -32,7 +32,9 @@ def read_log(path: Path) -> Dict[str, List[Tuple[int, float, float]]]:
             train.append((int(row["num_updates"]), float(row["loss"]), total))
         else:
             update = int(row["valid_num_updates"])
-            walls = [w for u, _, w in train if u <= update]
+            # train wall is known where a train_inner line was logged at this very update (every --log-interval);
+            # an end-of-epoch validation between two log lines gets nan (table: blank; wall plot: left out)
+            walls = [w for u, _, w in train if u == update]
             valid.append((update, float(row["valid_loss"]), walls[-1] if walls else float("nan")))
     return {"train": train, "valid": valid}
 
@@ -53,7 +55,10 @@ def main(argv: List[str] | None = None) -> None:
         cells = []
         for n in names:
             hit = [(l, w) for uu, l, w in runs[n]["valid"] if uu == u]
-            cells += [f"{hit[0][0]:.3f}", f"{hit[0][1]:.0f}"] if hit else ["", ""]
+            if hit:
+                cells += [f"{hit[0][0]:.3f}", "" if hit[0][1] != hit[0][1] else f"{hit[0][1]:.0f}"]
+            else:
+                cells += ["", ""]
         print(f"| {u} | " + " | ".join(cells) + " |")
     if a.plot:
         import matplotlib
@@ -68,7 +73,8 @@ def main(argv: List[str] | None = None) -> None:
         for n in names:
             v = runs[n]["valid"]
             ax1.plot([u for u, _, _ in v], [l for _, l, _ in v], marker="o", label=n)
-            ax2.plot([w for _, _, w in v], [l for _, l, _ in v], marker="o", label=n)
+            timed = [(w, l) for _, l, w in v if w == w]
+            ax2.plot([w for w, _ in timed], [l for _, l in timed], marker="o", label=n)
         ax1.set_xlabel("updates"), ax2.set_xlabel("cumulative train wall (s)")
         for ax in (ax1, ax2):
             ax.set_ylabel("dev MLM loss (base 2)"), ax.legend(), ax.grid(alpha=0.3)
@@ -77,13 +83,14 @@ def main(argv: List[str] | None = None) -> None:
     if a.bench:
         rows = json.loads(a.bench.read_text())["rows"]
         variants = list(dict.fromkeys(r["variant"] for r in rows))
-        print("\n| L | " + " | ".join(f"{v} ms | {v} saved MiB" for v in variants) + " |")
+        print("\n| L | " + " | ".join(f"{v} fwd+bwd ms, median | {v} saved MiB" for v in variants) + " |")
         print("|---|" + "---|---|" * len(variants))
         for length in sorted({r["length"] for r in rows}):
             cells = []
             for v in variants:
                 r = [r for r in rows if r["length"] == length and r["variant"] == v][0]
-                cells += [f"{r['median_ms']:.0f} (±{r['spread_ms'] / 2:.0f})", f"{r['saved_activation_mib']:.1f}"]
+                low = f", min {r['min_ms']:.0f}" if "min_ms" in r else ""
+                cells += [f"{r['median_ms']:.0f} (spread {r['spread_ms']:.0f}{low})", f"{r['saved_activation_mib']:.1f}"]
             print(f"| {length} | " + " | ".join(cells) + " |")
         if a.bench_plot:
             import matplotlib
