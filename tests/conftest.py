@@ -36,15 +36,27 @@ LONGEST_FIRST = ("test_recipes", "test_quickstart", "test_cli", "test_resume", "
 # starts a process -- fairseq's CLIs, the recipes, the tools as commands -- itself or through a fixture it uses
 # (directly or transitively). Marked here from the source, so a new CLI test is slow without anyone remembering to
 # mark it; a test may also carry @pytest.mark.slow by hand.
-_STARTS_A_PROCESS = re.compile(r"(?<![\w.])run\(|subprocess\.")
+_STARTS_A_PROCESS = re.compile(r"(?<![\w.])run\(|subprocess\.|os\.system\(")
+_CALL = re.compile(r"(?<![\w.])([A-Za-z_]\w*)\(")
+_TESTS = Path(__file__).parent
 
 
 @lru_cache(maxsize=None)
-def _starts_a_process(func) -> bool:
+def _starts_a_process(func, _seen: frozenset = frozenset()) -> bool:
+    """``func``'s source starts a process, or calls a function of the test suite that does (helpers included)."""
     try:
-        return bool(_STARTS_A_PROCESS.search(inspect.getsource(func)))
+        source = inspect.getsource(func)
     except (OSError, TypeError):
         return False
+    if _STARTS_A_PROCESS.search(source):
+        return True
+    names = getattr(func, "__globals__", {})
+    for name in set(_CALL.findall(source)) - _seen:
+        callee = names.get(name)
+        if inspect.isfunction(callee) and Path(inspect.getfile(callee)).parent == _TESTS:
+            if _starts_a_process(callee, _seen | {name}):
+                return True
+    return False
 
 
 def _is_slow(item: pytest.Item) -> bool:

@@ -342,7 +342,7 @@ def test_mismatch_message_lists_every_flag_once():
 def test_train_refuses_a_checkpoint_with_other_feature_maps(lm):
     save = lm / "err-hedgehog"
     proc = _train(lm, save, "--feature-map", "hedgehog", *K8, "--finetune-from-model", lm / "t2r.pt")
-    _assert_refused(proc, save, r"^t2r_fairseq\.swap\.SwapError: checkpoint feature maps are t2r \(k=8\) but this "
+    _assert_refused(proc, save, r"^t2r_fairseq\.conversion\.swap\.SwapError: checkpoint feature maps are t2r \(k=8\) but this "
                                 r"model builds hedgehog \(k=8\) .*: build it with --feature-map t2r --feature-size 8, "
                                 r"or pass --reset-feature-maps")
 
@@ -355,7 +355,7 @@ def test_a_checkpoint_of_the_former_default_map_is_not_reinterpreted(lm):
 
     save = lm / "err-default"
     proc = _train(lm, save, *K8, "--finetune-from-model", lm / "t2r.pt")
-    _assert_refused(proc, save, r"^t2r_fairseq\.swap\.SwapError: checkpoint feature maps are t2r \(k=8\) but this "
+    _assert_refused(proc, save, r"^t2r_fairseq\.conversion\.swap\.SwapError: checkpoint feature maps are t2r \(k=8\) but this "
                                 r"model builds t2r_qk \(k=8\) .*: build it with --feature-map t2r --feature-size 8, "
                                 r"or pass --reset-feature-maps")
     for path in ("t2r.pt", "legacy.pt"):  # with and without identity records: the map comes from the config
@@ -368,7 +368,7 @@ def test_a_legacy_checkpoint_into_the_default_map_is_refused(lm):
     """Checkpoints without identity records predate t2r_qk: their tied maps cannot fill its key layers."""
     save = lm / "err-legacy-default"
     proc = _train(lm, save, *K8, "--finetune-from-model", lm / "legacy.pt")
-    _assert_refused(proc, save, r"^t2r_fairseq\.swap\.SwapError: .*the checkpoint's feature-map tensors .* do not "
+    _assert_refused(proc, save, r"^t2r_fairseq\.conversion\.swap\.SwapError: .*the checkpoint's feature-map tensors .* do not "
                                 r"fit this model's t2r_qk \(k=8\) maps: build it with the --feature-map/--feature-size "
                                 r"it was trained with \(python -m t2r_fairseq\.tools\.arch_flags "
                                 + re.escape(str(lm / "legacy.pt")) + " prints")
@@ -398,7 +398,7 @@ def test_train_with_reset_feature_maps_says_so_and_its_checkpoint_evaluates_unre
 def test_train_names_the_layer_count_on_the_last_line(lm):
     save = lm / "err-layers"
     proc = _train(lm, save, *K8, "--decoder-layers", "3", "--finetune-from-model", lm / "teacher.pt")
-    _assert_refused(proc, save, r"^t2r_fairseq\.swap\.SwapError: the checkpoint has 2 decoder layers \(this model 3\): "
+    _assert_refused(proc, save, r"^t2r_fairseq\.conversion\.swap\.SwapError: the checkpoint has 2 decoder layers \(this model 3\): "
                                 r"build it with --decoder-layers 2 \(python -m t2r_fairseq\.tools\.arch_flags "
                                 + re.escape(str(lm / "teacher.pt")) + " prints")
 
@@ -410,7 +410,7 @@ def test_eval_lm_with_another_dictionary_names_the_data_directory(lm):
         f.write("".join(f"extra{i} 1\n" for i in range(8)))
     proc = run("fairseq-eval-lm", other, "--user-dir", USER_DIR, "--path", lm / "t2r.pt", "--cpu",
                "--tokens-per-sample", "64", ok=False)
-    _assert_refused(proc, None, r"^t2r_fairseq\.swap\.SwapError: .*the checkpoint's dictionary has 24 entries "
+    _assert_refused(proc, None, r"^t2r_fairseq\.conversion\.swap\.SwapError: .*the checkpoint's dictionary has 24 entries "
                                 r"but this model's has 32 .*: use the data directory \(dict\*\.txt\) the "
                                 r"checkpoint was trained with$")
 

@@ -285,7 +285,7 @@ def test_unreadable_checkpoint_says_what_the_file_is(lm, tmp_path, kind):
     write(bad, lm / "teacher.pt")
     save = tmp_path / "save"
     r = _t2r_train(lm, save, "--finetune-from-model", bad, tmp=tmp_path)
-    _assert_refused(r, save, r"^t2r_fairseq\.checkpoint_errors\.CheckpointReadError: cannot read checkpoint "
+    _assert_refused(r, save, r"^t2r_fairseq\.hardening\.checkpoint_errors\.CheckpointReadError: cannot read checkpoint "
                     + re.escape(str(bad)) + ": " + pattern)
     assert "During handling of the above exception" not in r.stderr  # raised from None: torch's advice is not shown
 
@@ -422,7 +422,7 @@ def test_dictionary_larger_than_the_checkpoint_vocabulary_is_named(lm, tmp_path,
     r = forked(tool, data, "--user-dir", USER_DIR, *task, "--path", lm / "teacher.pt", "--cpu", "--max-tokens", "1024",
                "--tokens-per-sample", "32", tmp=tmp_path)
     _assert_refused(r, tmp_path / "data",
-                    r"^t2r_fairseq\.checkpoint_errors\.DictionaryMismatchError: checkpoint .*teacher\.pt with data "
+                    r"^t2r_fairseq\.hardening\.checkpoint_errors\.DictionaryMismatchError: checkpoint .*teacher\.pt with data "
                     r"directory .*data: the checkpoint's vocabulary has 24 entries \(decoder\.embed_tokens\.weight\) "
                     r"but this model's dictionary has 26: .* -- use the data directory \(dict\*\.txt\) it was trained "
                     r"with")

@@ -20,6 +20,9 @@ from t2r_fairseq.modules.feature_maps import FEATURE_MAPS
 from t2r_fairseq.modules.linear_multihead_attention import LinearAttentionOptions, LinearMultiheadAttention
 from t2r_fairseq.modules.sliding_window_attention import SlidingWindowAttention
 
+# Thousands of single-position steps per test: minutes, so outside the fast tier although no process is started.
+pytestmark = pytest.mark.slow
+
 C, HEADS = 32, 4
 VARIANTS = sorted(FEATURE_MAPS) + ["hybrid64"]
 # Relative error bound of a half-precision layer against fp32 (max |diff| / max |fp32 output|); bf16 keeps 8
