@@ -1,22 +1,35 @@
 #!/usr/bin/env bash
 # Shatter vs multi-head RoBERTa, small masked-LM study on WikiText-2 (docs/SHATTER.md, issue 34, item 3).
-# Train/dev are cut from ../shared/data/wikitext-2/valid.txt (first 3400 lines / last 360); test.txt is never read.
-# Usage: [SEED=1] recipes/shatter_study.sh [UPDATES] [VARIANTS...]   (logs and data under runs/shatter/, git-ignored;
-# seed 1 writes logs/VARIANT.log, another seed logs/VARIANT_seedN.log)
+# CORPUS=wikitext2 (default): train/dev cut from ../shared/data/wikitext-2/valid.txt (first 3400 lines / last 360);
+# CORPUS=multi30k: ../shared/data/multi30k/train.en / val.en (English side). Test sets are never read.
+# Usage: [SEED=1] [CORPUS=wikitext2] recipes/shatter_study.sh [UPDATES] [VARIANTS...]   (logs and data under
+# runs/shatter/, git-ignored; seed 1 on wikitext2 writes logs/VARIANT.log, otherwise logs/VARIANT[_seedN][_CORPUS].log)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 UPDATES=${1:-400}; shift || true
 VARIANTS=${*:-"multihead shatter"}
 PY=${PY:-.venv/bin}
-W=${WIKITEXT:-../shared/data/wikitext-2/valid.txt}
 R=runs/shatter
 SEED=${SEED:-1}
+CORPUS=${CORPUS:-wikitext2}
 SUFFIX=$([ "$SEED" = 1 ] || echo "_seed$SEED")
-mkdir -p "$R/data" "$R/logs"
-if [ ! -f "$R/data/bin/train.bin" ]; then
-  head -n 3400 "$W" > "$R/data/train.txt"; tail -n +3401 "$W" > "$R/data/dev.txt"
-  nice -n 10 "$PY/fairseq-preprocess" --only-source --trainpref "$R/data/train.txt" --validpref "$R/data/dev.txt" \
-    --destdir "$R/data/bin" --thresholdsrc 2 --workers 1
+mkdir -p "$R/logs"
+case $CORPUS in
+  wikitext2)
+    D=$R/data
+    W=${WIKITEXT:-../shared/data/wikitext-2/valid.txt}
+    if [ ! -f "$D/bin/train.bin" ]; then
+      mkdir -p "$D"; head -n 3400 "$W" > "$D/train.txt"; tail -n +3401 "$W" > "$D/dev.txt"
+    fi ;;
+  multi30k)
+    D=$R/data-multi30k; SUFFIX=${SUFFIX}_multi30k
+    M=${MULTI30K:-../shared/data/multi30k}
+    if [ ! -f "$D/bin/train.bin" ]; then mkdir -p "$D"; cp "$M/train.en" "$D/train.txt"; cp "$M/val.en" "$D/dev.txt"; fi ;;
+  *) echo "unknown CORPUS $CORPUS (wikitext2, multi30k)" >&2; exit 2 ;;
+esac
+if [ ! -f "$D/bin/train.bin" ]; then
+  nice -n 10 "$PY/fairseq-preprocess" --only-source --trainpref "$D/train.txt" --validpref "$D/dev.txt" \
+    --destdir "$D/bin" --thresholdsrc 2 --workers 1
 fi
 # 4 layers, width 128, FFN 512 (the multi-head baseline has 4 heads); same data order, budget and seed.
 COMMON=(--user-dir t2r_fairseq --task masked_lm --criterion masked_lm --tokens-per-sample 128
@@ -29,10 +42,11 @@ for v in $VARIANTS; do
     multihead) ARCH=(--arch roberta_small) ;;
     shatter) ARCH=(--arch shatter_roberta_small) ;;
     shatter_softmax) ARCH=(--arch shatter_roberta_small --shatter-score softmax) ;;
-    *) echo "unknown variant $v (multihead, shatter, shatter_softmax)" >&2; exit 2 ;;
+    prepare) continue ;;  # data only (e.g. before starting two variants side by side)
+    *) echo "unknown variant $v (multihead, shatter, shatter_softmax, prepare)" >&2; exit 2 ;;
   esac
   start=$(date +%s)
-  OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} nice -n 10 "$PY/fairseq-train" "$R/data/bin" "${COMMON[@]}" "${ARCH[@]}" \
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} nice -n 10 "$PY/fairseq-train" "$D/bin" "${COMMON[@]}" "${ARCH[@]}" \
     > "$R/logs/$v$SUFFIX.log" 2>&1
   echo "$v$SUFFIX wall_s $(( $(date +%s) - start ))" | tee -a "$R/logs/wall.txt"
 done
