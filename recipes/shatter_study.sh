@@ -16,7 +16,8 @@ SUFFIX_MT=$([ "$SEED" = 1 ] || echo "_seed$SEED")
 if [ "${TASK:-mlm}" = mt ]; then
   # Translation, Multi30k EN-DE (raw captions, whitespace tokens): the same transformer with a multi-head or a
   # Shatter encoder (softmax decoder), BLEU of fairseq-generate on val (tokenized BLEU of fairseq's scorer, not
-  # sacreBLEU: a relative comparison). test_2016/2017 are never read.
+  # sacreBLEU: a relative comparison). test_2016/2017 are never read. STOP_HOURS > 0: fairseq's --stop-time-hours
+# (training stops there, saved, whatever the update count).
   M=${MULTI30K:-../shared/data/multi30k}; D=$R/data-mt; mkdir -p "$R/logs" "$D"
   if [ ! -f "$D/bin/dict.en.txt" ]; then
     for l in en de; do cp "$M/train.$l" "$D/train.$l"; cp "$M/val.$l" "$D/valid.$l"; done
@@ -38,10 +39,12 @@ if [ "${TASK:-mlm}" = mt ]; then
       --encoder-attention-heads 4 --decoder-attention-heads 4 --dropout 0.1 \
       --criterion label_smoothed_cross_entropy --label-smoothing 0.1 --optimizer adam --adam-betas "(0.9,0.98)" \
       --lr 1e-3 --lr-scheduler inverse_sqrt --warmup-updates 200 --clip-norm 1.0 --max-tokens 4096 \
-      --max-update "$UPDATES" --seed "$SEED" --cpu --num-workers 0 --save-dir "$R/mt-$v$SUFFIX_MT" \
+      --max-update "$UPDATES" --stop-time-hours "${STOP_HOURS:-0}" --seed "$SEED" --cpu --num-workers 0 \
+      --save-dir "$R/mt-$v$SUFFIX_MT" \
       --no-epoch-checkpoints --save-interval 1000 --validate-interval 3 --log-format json --log-interval 50 > "$R/logs/mt_$v$SUFFIX_MT.log" 2>&1
     OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} nice -n 10 "$PY/fairseq-generate" "$D/bin" --user-dir t2r_fairseq \
       --gen-subset valid --path "$R/mt-$v$SUFFIX_MT/checkpoint_last.pt" --beam 4 --max-tokens 8192 --cpu \
+      --max-len-a 1.2 --max-len-b 10 \
       > "$R/logs/mt_${v}${SUFFIX_MT}_generate.log" 2>&1
     echo "mt_$v$SUFFIX_MT wall_s $(( $(date +%s) - start )) $(grep -o 'BLEU4 = [0-9.]*' "$R/logs/mt_${v}${SUFFIX_MT}_generate.log")" \
       | tee -a "$R/logs/wall.txt"
