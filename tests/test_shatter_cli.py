@@ -61,10 +61,11 @@ def test_translation_shatter_encoder_with_t2r_decoder_train_and_generate(data):
     run("fairseq-train", data / "bin-mt", "--user-dir", USER_DIR, *MT_TASK, "--arch", "t2r_transformer",
         "--encoder-attention", "shatter", "--feature-size", "8", *TRAIN, "--max-update", "4", "--save-dir", save)
     gen = run("fairseq-generate", data / "bin-mt", "--user-dir", USER_DIR, "--path", save / "checkpoint_last.pt",
-              "--beam", "2", "--cpu", "--max-tokens", "2048")
+              "--beam", "2", "--cpu", "--max-tokens", "2048", "--required-batch-size-multiple", "1",
+              "--distributed-world-size", "1")
     hyps = [l for l in gen.stdout.splitlines() if l.startswith("H-")]
     translated = int(re.search(r"Translated (\d+) sentences", gen.stdout + gen.stderr).group(1))
-    assert len(hyps) == translated > 0, gen.stdout[-2000:]
+    assert len(hyps) == translated == 12, gen.stdout[-2000:]  # every test sentence (no partial batch dropped)
 
 
 @pytest.mark.slow
