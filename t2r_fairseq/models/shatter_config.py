@@ -7,6 +7,7 @@ from typing import Any
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.utils import safe_getattr
 
+from t2r_fairseq.models.option_checks import OptionError, check_choice, check_int, read_option
 from t2r_fairseq.modules.shatter_attention import ShatterOptions
 from t2r_fairseq.ops.shatter import DEFAULT_DEGREE, DEFAULT_MAX_DISTANCE, DEFAULT_PARTITIONS, SCORE_FUNCTIONS
 
@@ -69,17 +70,13 @@ class ShatterRobertaConfig(ShatterConfig):
     )
 
 
-class ShatterOptionError(ValueError):
+class ShatterOptionError(OptionError):
     """A Shatter option is out of range; raised when the model is built, before anything is trained or written."""
 
 
 def _int(args: Any, name: str, default: int, low: int, meaning: str) -> int:
-    value = safe_getattr(args, name, default)
-    value = default if value is None else value
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        flag = "--" + name.replace("_", "-")
-        raise ShatterOptionError(f"{flag} must be an integer >= {low} ({meaning}), got {value!r}")
-    return value
+    flag = "--" + name.replace("_", "-")
+    return check_int(flag, read_option(args, name, default), low, meaning, error=ShatterOptionError)
 
 
 def shatter_options(args: Any) -> ShatterOptions:
@@ -88,9 +85,8 @@ def shatter_options(args: Any) -> ShatterOptions:
     degree = _int(args, "shatter_degree", DEFAULT_DEGREE, 0, "polynomial degree of the partitions, e.g. 2")
     distance = _int(args, "shatter_max_distance", DEFAULT_MAX_DISTANCE, 1, "offset where partitions saturate, "
                     f"e.g. {DEFAULT_MAX_DISTANCE}")
-    score = str(safe_getattr(args, "shatter_score", DEFAULT_SCORE) or DEFAULT_SCORE)
-    if score not in SCORE_FUNCTIONS:
-        raise ShatterOptionError(f"--shatter-score must be one of {', '.join(SCORE_FUNCTIONS)}, got {score!r}")
+    score = check_choice("--shatter-score", read_option(args, "shatter_score", DEFAULT_SCORE), SCORE_FUNCTIONS,
+                         error=ShatterOptionError)
     return ShatterOptions(
         partitions=partitions,
         degree=degree,
@@ -103,10 +99,8 @@ def shatter_options(args: Any) -> ShatterOptions:
 
 def encoder_attention(args: Any, default: str = "multihead") -> str:
     """``--encoder-attention`` (validated, with the Shatter options when it is ``shatter``)."""
-    value = safe_getattr(args, "encoder_attention", None)
-    value = default if value is None else str(value)
-    if value not in ENCODER_ATTENTIONS:
-        raise ShatterOptionError(f"--encoder-attention must be one of {', '.join(ENCODER_ATTENTIONS)}, got {value!r}")
+    value = check_choice("--encoder-attention", read_option(args, "encoder_attention", default), ENCODER_ATTENTIONS,
+                         error=ShatterOptionError)
     if value == "shatter":
         shatter_options(args)
         if safe_getattr(args, "swap_encoder", False):
