@@ -42,9 +42,10 @@ if [ "${TASK:-mlm}" = mt ]; then
       --max-update "$UPDATES" --stop-time-hours "${STOP_HOURS:-0}" --seed "$SEED" --cpu --num-workers 0 \
       --save-dir "$R/mt-$v$SUFFIX_MT" \
       --no-epoch-checkpoints --save-interval 1000 --validate-interval 3 --log-format json --log-interval 50 > "$R/logs/mt_$v$SUFFIX_MT.log" 2>&1
+    # --remove-bpe is a no-op on these whitespace tokens; it keeps BLEU on words if the data is BPE'd
     OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} nice -n 10 "$PY/fairseq-generate" "$D/bin" --user-dir t2r_fairseq \
       --gen-subset valid --path "$R/mt-$v$SUFFIX_MT/checkpoint_last.pt" --beam 4 --max-tokens 8192 --cpu \
-      --max-len-a 1.2 --max-len-b 10 --required-batch-size-multiple 1 --distributed-world-size 1 \
+      --max-len-a 1.2 --max-len-b 10 --required-batch-size-multiple 1 --distributed-world-size 1 --remove-bpe \
       > "$R/logs/mt_${v}${SUFFIX_MT}_generate.log" 2>&1
     echo "mt_$v$SUFFIX_MT wall_s $(( $(date +%s) - start )) $(grep -o 'BLEU4 = [0-9.]*' "$R/logs/mt_${v}${SUFFIX_MT}_generate.log")" \
       | tee -a "$R/logs/wall.txt"
