@@ -66,6 +66,14 @@ def _shatter_defaults(args: Any) -> None:
     base_architecture(args)
 
 
+def _bert_small_shape(args: Any) -> None:
+    """BERT-small (Turc et al. 2019) where ``args`` does not say otherwise: 4 layers, width 512, FFN 2048, 8 heads."""
+    args.encoder_layers = safe_getattr(args, "encoder_layers", 4)
+    args.encoder_embed_dim = safe_getattr(args, "encoder_embed_dim", 512)
+    args.encoder_ffn_embed_dim = safe_getattr(args, "encoder_ffn_embed_dim", 2048)
+    args.encoder_attention_heads = safe_getattr(args, "encoder_attention_heads", 8)
+
+
 @register_model_architecture("shatter_roberta", "shatter_roberta_base")
 def shatter_roberta_base(args: Any) -> None:
     """RoBERTa-base's shape: 12 layers, width 768, FFN 3072 (one attention head per layer)."""
@@ -75,18 +83,12 @@ def shatter_roberta_base(args: Any) -> None:
 @register_model_architecture("shatter_roberta", "shatter_roberta_small")
 def shatter_roberta_small(args: Any) -> None:
     """BERT-small's shape (Turc et al. 2019): 4 layers, width 512, FFN 2048."""
-    args.encoder_layers = safe_getattr(args, "encoder_layers", 4)
-    args.encoder_embed_dim = safe_getattr(args, "encoder_embed_dim", 512)
-    args.encoder_ffn_embed_dim = safe_getattr(args, "encoder_ffn_embed_dim", 2048)
-    args.encoder_attention_heads = safe_getattr(args, "encoder_attention_heads", 8)  # unused by Shatter
+    _bert_small_shape(args)  # its 8 heads are unused by Shatter
     _shatter_defaults(args)
 
 
 @register_model_architecture("roberta", "roberta_small")
 def roberta_small(args: Any) -> None:
     """The multi-head baseline of ``shatter_roberta_small``: fairseq's RoBERTa in BERT-small's shape (8 heads)."""
-    args.encoder_layers = safe_getattr(args, "encoder_layers", 4)
-    args.encoder_embed_dim = safe_getattr(args, "encoder_embed_dim", 512)
-    args.encoder_ffn_embed_dim = safe_getattr(args, "encoder_ffn_embed_dim", 2048)
-    args.encoder_attention_heads = safe_getattr(args, "encoder_attention_heads", 8)
+    _bert_small_shape(args)
     base_architecture(args)
