@@ -49,7 +49,7 @@ def test_bench_tiny_writes_tables_json_and_plot(tmp_path):
                 "mt_b2_t2r_over_softmax_tokens_per_s_generating_32", "lm_b1_t2r_qk_step_over_t2r_ctx8", "train_chunkwise_speedup_vs_sdpa_L128"):
         assert key in summary
     md = (tmp_path / "results.md").read_text()
-    assert "| mt | t2r | 2 | 32 | 32 |" in md and "| chunkwise_c16 | 128 |" in md
+    assert "| mt | t2r | eager | 2 | 32 | 32 |" in md and "| chunkwise_c16 | 128 |" in md
     assert (tmp_path / "bench.png").stat().st_size > 1000
 
 
@@ -110,4 +110,63 @@ def test_bench_cross_feature_size_rows_time_the_larger_cross_attention_map(tmp_p
         assert rows[("mt", "t2r_xk16", b, 32)]["state_bytes"] == rows[("mt", "t2r_xk16", b, 8)]["state_bytes"]
     summary = res["summary"]
     assert summary["mt_b1_t2r_xk16_step_over_t2r_ctx32"] > 0 and "mt_b2_t2r_xk16_step_speedup_vs_softmax_ctx8" in summary
-    assert "| mt | t2r_xk16 | 1 | 8 | 8 |" in (tmp_path / "results.md").read_text()
+    assert "| mt | t2r_xk16 | eager | 1 | 8 | 8 |" in (tmp_path / "results.md").read_text()
+
+
+def test_bench_static_paths_and_memory_budget_rows(tmp_path):
+    """--decode-steps graph: T2R (generation's runner), softmax (static KV cache) and the bound get a static row
+    beside eager; kinds without one stay eager. --memory-budget-gib: the largest batch whose state fits."""
+    budget = 0.0001  # GiB: a few sequences of the tiny models
+    res = bench.main(["--tiny", "--out", str(tmp_path), "--threads", "1", "--skip", "train", "--compare-unfused",
+                      "--decode-steps", "eager,graph", "--memory-budget-gib", str(budget), "--budget-contexts", "32"])
+    grid = [r for r in res["decode"] if "budget_gib" not in r]
+    paths = {(r["task"], r["model"]): set() for r in grid}
+    for r in grid:
+        paths[(r["task"], r["model"])].add(r["path"])
+    for task in ("lm", "mt"):
+        assert paths[(task, "t2r")] == paths[(task, "softmax")] == paths[(task, "no_attention")] == {"eager", "graph"}
+        assert paths[(task, "t2r_unfused")] == {"eager"}
+        for model in ("t2r", "softmax"):
+            rows = [r for r in res["decode"] if r.get("budget_gib") == budget and (r["task"], r["model"]) == (task, model)]
+            assert {r["path"] for r in rows} == {"eager", "graph"}
+            per_sequence = next(r for r in grid if (r["task"], r["model"], r["batch"], r["context"], r["path"])
+                                == (task, model, 1, 32, "eager"))["state_bytes"]
+            assert all(r["batch"] == min(int(budget * 2**30 // per_sequence), 4096) for r in rows)
+            assert all(r["state_bytes"] <= budget * 2**30 for r in rows)
+        t2r_batch = next(r["batch"] for r in res["decode"] if r.get("budget_gib") and (r["task"], r["model"]) == (task, "t2r"))
+        sm_batch = next(r["batch"] for r in res["decode"] if r.get("budget_gib") and (r["task"], r["model"]) == (task, "softmax"))
+        if task == "lm":  # (tiny MT: the 128-feature cross state outweighs a 32-token source's KV)
+            assert t2r_batch > sm_batch  # the constant state fits more sequences
+        summary = res["summary"]
+        assert f"{task}_b2_best_t2r_over_attention_free_ctx32" in summary
+        assert f"{task}_budget{budget:g}GiB_ctx32_t2r_tokens_per_s_over_softmax" in summary
+    assert "| lm | softmax | graph | 2 | 32 |" in (tmp_path / "results.md").read_text()
+
+
+def test_static_kv_softmax_equals_fairseq_kv_cache_step():
+    """The benchmark's softmax opponent computes fairseq's softmax step: same cache contents, same logits."""
+    import argparse
+    import copy
+
+    import torch
+
+    from t2r_fairseq.bench.decode import build_model, prefill_state
+    from t2r_fairseq.bench.static_decode import StaticHarness, use_static_kv_cache
+
+    cfg = argparse.Namespace(vocab=40, dim=16, heads=2, layers=2, feature_size=4, cross_feature_size=0,
+                             sliding_window=0, topk_decode_k=0)
+    torch.manual_seed(0)
+    model = build_model("lm", "softmax", cfg, 64)
+    batch, context = 3, 9
+    state = prefill_state(model, "softmax", batch, context)
+    tokens = torch.randint(4, cfg.vocab, (batch, context + 1))
+    static = copy.deepcopy(model)
+    use_static_kv_cache(static, batch, context, 0)
+    for layer, fair in zip(static.decoder.layers, model.decoder.layers):
+        buffer = fair.self_attn._get_input_buffer(state)
+        layer.self_attn.k_cache[:, :, :context].copy_(buffer["prev_key"])
+        layer.self_attn.v_cache[:, :, :context].copy_(buffer["prev_value"])
+    with torch.no_grad():
+        want, _ = model.decoder(tokens, incremental_state=state)
+        got = StaticHarness(static, "graph", batch, cfg.dim).step(tokens)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

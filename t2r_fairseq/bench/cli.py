@@ -58,6 +58,16 @@ def _tasks(s: str) -> List[str]:
     return tasks
 
 
+def _paths(s: str) -> List[str]:
+    from t2r_fairseq.bench.static_decode import PATHS
+
+    paths = [x for x in s.split(",") if x]
+    bad = [p for p in paths if p not in PATHS]
+    if bad or not paths:
+        raise argparse.ArgumentTypeError(f"decode paths are {', '.join(PATHS)}; got {s!r}")
+    return list(dict.fromkeys(paths))
+
+
 TINY = {
     "contexts": [8, 32], "batches": [1, 2], "layers": 2, "dim": 32, "heads": 4, "vocab": 100, "feature_size": 8,
     "train_lengths": [64, 128], "train_batch": 1, "train_heads": 2, "train_head_dim": 16, "chunk_sweep": [16, 32],
@@ -96,6 +106,16 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--compare-unfused", action="store_true",
                    help="also time T2R with generation's fast path off (separate q/k/v and feature-map "
                         "matmuls, out-of-place state update)")
+    g.add_argument("--decode-steps", type=_paths, default=["eager"],
+                   help="decode paths timed, comma-separated: eager (fairseq's forward with its KV cache / T2R's "
+                        "recurrent step), compile, graph, compile_graph (static buffers; T2R through generation's "
+                        "--decode-step runner, softmax over a static KV cache with SDPA; graph = CUDA-graph capture, "
+                        "uncaptured on CPU). Rows name their path")
+    g.add_argument("--memory-budget-gib", type=float, default=0.0, metavar="G",
+                   help="also time, at each --budget-contexts length, the largest batch whose decode state fits "
+                        "G GiB (rows marked with the budget); 0: no such rows")
+    g.add_argument("--budget-contexts", type=_ints, default=_ints("2048,8192"))
+    g.add_argument("--budget-max-batch", type=int, default=4096, help="cap of the budget rows' batch")
     g = ap.add_argument_group("training")
     g.add_argument("--train-lengths", type=_ints, default=_ints("512,1024,2048,4096,8192"))
     g.add_argument("--train-batch", type=int, default=4)
@@ -135,6 +155,8 @@ def _check(ap: argparse.ArgumentParser, cfg: argparse.Namespace) -> None:
                  f"{cfg.feature_size} and {cfg.cross_feature_size}")
     if cfg.topk_decode_k < 0:
         ap.error(f"--topk-decode-k must be >= 0 (0: no top-k decode rows), got {cfg.topk_decode_k}")
+    if cfg.memory_budget_gib < 0 or cfg.budget_max_batch < 1:
+        ap.error("--memory-budget-gib must be >= 0 (0: no budget rows) and --budget-max-batch >= 1")
     if cfg.repeats < 1 or cfg.warmup < 0:
         ap.error("--repeats must be >= 1 and --warmup >= 0")
 

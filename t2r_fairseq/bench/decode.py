@@ -38,15 +38,20 @@ decoder computes it (embeddings, positions, layers, output projection), as in
 from __future__ import annotations
 
 import argparse
-from typing import Dict, List, Optional
+import copy
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
 
 from t2r_fairseq.bench.measure import peak_memory_mib, reset_peak_memory, timeit
+from t2r_fairseq.bench.static_decode import static_step
 
 KINDS = ("no_attention", "t2r", "t2r_xk", "t2r_qk", "t2r_unfused", "t2r_hybrid", "topk", "softmax")
 KV_CACHE_KINDS = ("topk", "softmax")  # state grows with the prefix: timed last (see bench_decode)
+# Kinds with a static decode path (--decode-steps beyond eager): T2R through generation's runner, softmax over a
+# static KV cache with SDPA, the bound with no state. The unfused T2R, the hybrid's ring buffer and top-k: eager only.
+STATIC_KINDS = ("no_attention", "t2r", "t2r_xk", "t2r_qk", "softmax")
 
 
 def model_label(kind: str, cfg: argparse.Namespace) -> str:
@@ -196,35 +201,83 @@ def state_bytes(state: dict) -> int:
     return sum(t.numel() * t.element_size() for buf in state.values() for t in buf.values() if t is not None)
 
 
+def _eager_step(model: nn.Module, tokens: Tensor, base: dict, encoder_out: Optional[dict]) -> Callable[[], None]:
+    def step() -> None:
+        # A fresh shallow copy per call: the step must not grow the cache the next repetition measures.
+        state = {k: dict(v) for k, v in base.items()}
+        model.decoder(tokens, encoder_out=encoder_out, incremental_state=state)
+
+    return step
+
+
+@torch.no_grad()
+def time_step(task: str, kind: str, path: str, model: nn.Module, cfg: argparse.Namespace, batch: int,
+              context: int) -> dict:
+    """One row: a decode step of ``model`` on ``path`` at ``batch`` x ``context``."""
+    device = torch.device(cfg.device)
+    source_length = (cfg.mt_source_length or context) if task == "mt" else 0
+    own_peak = reset_peak_memory(device)
+    tokens = torch.randint(4, cfg.vocab, (batch, context + 1), device=device)
+    base = prefill_state(model, kind, batch, context, source_length)
+    state_size = state_bytes(base)
+    if path == "eager":
+        encoder_out = fake_encoder_out(model, batch, source_length, cfg.dim) if task == "mt" else None
+        step = _eager_step(model, tokens, base, encoder_out)
+    else:
+        if path.startswith("compile"):
+            torch._dynamo.reset()  # a fresh compile per row: rows must not share (or exhaust) dynamo's cache
+        if kind == "softmax":  # its static KV cache replaces the attentions: on a copy, one per row
+            model = copy.deepcopy(model)
+            base = {}
+        step = static_step(model, kind, path, tokens, base, cfg.dim, source_length)
+    t = timeit(step, cfg.warmup, cfg.repeats, device)
+    row = {"task": task, "model": model_label(kind, cfg), "path": path, "batch": batch, "context": context,
+           "source_length": source_length, **t, "tokens_per_s": batch * 1000 / t["median_ms"],
+           "state_bytes": state_size, "peak_mem_mib": peak_memory_mib(device), "peak_is_per_row": own_peak}
+    print(f"decode {task} {row['model']:>12} {path:>13} batch {batch:>4} context {context:>5}: "
+          f"{t['median_ms']:8.2f} ms/step (spread {t['spread_ms']:.2f}), state {state_size / 2**20:9.2f} MiB, "
+          f"peak {row['peak_mem_mib']:.0f} MiB", flush=True)
+    return row
+
+
+def paths_of(kind: str, cfg: argparse.Namespace) -> List[str]:
+    """The decode paths timed for ``kind``: every --decode-steps path where the kind has it."""
+    paths = getattr(cfg, "decode_steps", ["eager"])
+    return [p for p in paths if p == "eager" or kind in STATIC_KINDS]
+
+
 @torch.no_grad()
 def bench_decode_model(task: str, kind: str, cfg: argparse.Namespace) -> List[dict]:
-    """Time one decode step of one model at every (batch, context); one row each."""
+    """Time one decode step of one model at every (batch, context) and path; one row each."""
     device, dtype = torch.device(cfg.device), getattr(torch, cfg.dtype)
     max_ctx = max(cfg.contexts) + 8
     model = build_model(task, kind, cfg, max_positions=max(max_ctx, cfg.mt_source_length + 8)).to(device, dtype)
     rows = []
     for batch in cfg.batches:
         for context in cfg.contexts:
-            source_length = (cfg.mt_source_length or context) if task == "mt" else 0
-            own_peak = reset_peak_memory(device)
-            tokens = torch.randint(4, cfg.vocab, (batch, context + 1), device=device)
-            base = prefill_state(model, kind, batch, context, source_length)
-            encoder_out = fake_encoder_out(model, batch, source_length, cfg.dim) if task == "mt" else None
+            for path in paths_of(kind, cfg):
+                rows.append(time_step(task, kind, path, model, cfg, batch, context))
+    rows += budget_rows(task, kind, model, cfg)
+    return rows
 
-            def step() -> None:
-                # A fresh shallow copy per call: the step must not grow the cache the next repetition measures.
-                state = {k: dict(v) for k, v in base.items()}
-                model.decoder(tokens, encoder_out=encoder_out, incremental_state=state)
 
-            t = timeit(step, cfg.warmup, cfg.repeats, device)
-            row = {"task": task, "model": model_label(kind, cfg), "batch": batch, "context": context, "source_length": source_length,
-                   **t, "tokens_per_s": batch * 1000 / t["median_ms"], "state_bytes": state_bytes(base),
-                   "peak_mem_mib": peak_memory_mib(device), "peak_is_per_row": own_peak}
-            rows.append(row)
-            print(f"decode {task} {row['model']:>12} batch {batch:>3} context {context:>5}: {t['median_ms']:8.2f} ms/step "
-                  f"(spread {t['spread_ms']:.2f}), state {row['state_bytes'] / 2**20:9.2f} MiB, "
-                  f"peak {row['peak_mem_mib']:.0f} MiB", flush=True)
-            del base, encoder_out
+def budget_rows(task: str, kind: str, model: nn.Module, cfg: argparse.Namespace) -> List[dict]:
+    """With ``--memory-budget-gib G``: at each context of ``--budget-contexts``, the largest batch whose decode
+    state (KV cache or ``(S, z)``) fits in G GiB (capped at ``--budget-max-batch``), and its step time."""
+    budget = getattr(cfg, "memory_budget_gib", 0.0)
+    if not budget or kind not in ("t2r", "softmax"):
+        return []
+    rows = []
+    for context in cfg.budget_contexts:
+        source_length = (cfg.mt_source_length or context) if task == "mt" else 0
+        per_sequence = state_bytes(prefill_state(model, kind, 1, context, source_length))
+        batch = min(int(budget * 2**30 // per_sequence), cfg.budget_max_batch)
+        if batch < 1:
+            print(f"decode {task} {kind}: one sequence's state at context {context} exceeds {budget} GiB", flush=True)
+            continue
+        for path in paths_of(kind, cfg):
+            row = time_step(task, kind, path, model, cfg, batch, context)
+            rows.append({**row, "budget_gib": budget, "budget_capped": batch == cfg.budget_max_batch})
     return rows
 
 

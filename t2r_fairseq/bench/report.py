@@ -11,10 +11,47 @@ from typing import Dict, List, Optional
 
 
 def _pick(rows: List[dict], **match: object) -> Optional[dict]:
-    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
+    """The first grid row (not a memory-budget row) matching ``match``; the eager path unless ``path`` is given."""
+    match = {"path": "eager", **match}
+    return next((r for r in rows if "budget_gib" not in r and all(r.get(k, "eager") == v for k, v in match.items())),
+                None)
 
 
-def generation_ms(rows: List[dict], task: str, model: str, batch: int, tokens: int) -> Optional[float]:
+def best_rows(rows: List[dict]) -> Dict[tuple, dict]:
+    """Per (task, model, batch, context, budget or None): the row of the fastest path."""
+    best: Dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["task"], r["model"], r["batch"], r["context"], r.get("budget_gib"))
+        if key not in best or r["median_ms"] < best[key]["median_ms"]:
+            best[key] = r
+    return best
+
+
+def best_path_ratios(decode: List[dict]) -> Dict[str, float]:
+    """Best path against best path (the issue's terms): T2R over the attention-free bound per step, and T2R's
+    tokens/s over softmax's, on the grid and at the memory budget (each side at its own largest batch)."""
+    out: Dict[str, float] = {}
+    best = best_rows(decode)
+    for (task, model, batch, context, budget), r in sorted(best.items(), key=lambda kv: str(kv[0])):
+        if model != "t2r":
+            continue
+        if budget is None:
+            bound = best.get((task, "no_attention", batch, context, None))
+            sm = best.get((task, "softmax", batch, context, None))
+            p = f"{task}_b{batch}_best"
+            if bound:
+                out[f"{p}_t2r_over_attention_free_ctx{context}"] = r["median_ms"] / bound["median_ms"]
+            if sm:
+                out[f"{p}_t2r_tokens_per_s_over_softmax_ctx{context}"] = r["tokens_per_s"] / sm["tokens_per_s"]
+        else:
+            sm = next((s for (t, m, _, c, b), s in best.items() if (t, m, c, b) == (task, "softmax", context, budget)), None)
+            if sm:
+                out[f"{task}_budget{budget:g}GiB_ctx{context}_t2r_tokens_per_s_over_softmax"] = (
+                    r["tokens_per_s"] / sm["tokens_per_s"])
+    return out
+
+
+def generation_ms(rows: List[dict], task: str, model: str, batch: int, tokens: int, path: str = "eager") -> Optional[float]:
     """Time to generate ``tokens`` tokens one by one: the step time integrated over the context.
 
     Step times are measured at a few contexts; between them the step time is
@@ -22,7 +59,8 @@ def generation_ms(rows: List[dict], task: str, model: str, batch: int, tokens: i
     it is taken as constant. None when ``tokens`` exceeds the measured contexts.
     """
     pts = sorted((r["context"], r["median_ms"]) for r in rows
-                 if r["task"] == task and r["model"] == model and r["batch"] == batch)
+                 if r["task"] == task and r["model"] == model and r["batch"] == batch
+                 and r.get("path", "eager") == path and "budget_gib" not in r)
     if not pts or tokens > pts[-1][0]:
         return None
     total = min(tokens, pts[0][0]) * pts[0][1]
@@ -78,6 +116,8 @@ def summarise(decode: List[dict], train: List[dict], cfg) -> Dict[str, float]:  
                 sm, t2r = generation_ms(decode, task, "softmax", b, n), generation_ms(decode, task, "t2r", b, n)
                 if sm and t2r:
                     out[f"{p}_t2r_over_softmax_tokens_per_s_generating_{n}"] = sm / t2r
+    if any(r.get("path", "eager") != "eager" or "budget_gib" in r for r in decode):
+        out.update(best_path_ratios(decode))
     for L in cfg.train_lengths:
         sd = _pick(train, variant="sdpa_softmax", length=L)
         for variant in ("chunkwise", "fla_chunk", f"topk_k{getattr(cfg, 'topk_k', 0)}"):
@@ -95,12 +135,17 @@ def write_report(res: dict, out: Path) -> None:
     lines = [f"# Benchmark results\n\nCommand: `{res['command']}`  \nMachine: {res['machine']}\n"]
     if res["decode"]:
         lines += ["## Decode (one incremental step; median of repeats)\n",
-                  f"| task | model | batch | context | source | ms/step | spread ms | tokens/s | state MiB | {mem} |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "Path: eager = fairseq's forward (KV cache / recurrent step); compile, graph, compile_graph = the "
+                  "static step (T2R: generation's --decode-step runner; softmax: SDPA over a static KV cache; graph "
+                  "is captured on CUDA only). Budget: the largest batch whose state fits that many GiB.\n",
+                  f"| task | model | path | batch | context | source | ms/step | spread ms | tokens/s | state MiB | "
+                  f"{mem} | budget |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["decode"]:
-            lines.append(f"| {r['task']} | {r['model']} | {r['batch']} | {r['context']} | {r['source_length'] or '-'} | "
-                         f"{r['median_ms']:.2f} | {r['spread_ms']:.2f} | {r['tokens_per_s']:.0f} | "
-                         f"{r['state_bytes'] / 2**20:.3f} | {r['peak_mem_mib']:.0f} |")
+            budget = f"{r['budget_gib']:g} GiB" + (" (capped)" if r.get("budget_capped") else "") if "budget_gib" in r else "-"
+            lines.append(f"| {r['task']} | {r['model']} | {r.get('path', 'eager')} | {r['batch']} | {r['context']} | "
+                         f"{r['source_length'] or '-'} | {r['median_ms']:.2f} | {r['spread_ms']:.2f} | "
+                         f"{r['tokens_per_s']:.0f} | {r['state_bytes'] / 2**20:.3f} | {r['peak_mem_mib']:.0f} | {budget} |")
     if res["train"]:
         lines += ["", "## Training (attention core, forward + backward)\n",
                   f"| variant | L | ms | spread ms | saved activations MiB | {mem} |", "|---|---|---|---|---|---|"]
@@ -134,10 +179,12 @@ def _plots(res: dict, out: Path) -> None:
         if panel == "decode":
             for b, dash in zip(sorted({r["batch"] for r in res["decode"]}), ["-", "--", ":", "-."] * 8):
                 for model, colour in styles.items():
-                    pts = [(r["context"], r["median_ms"]) for r in res["decode"]
-                           if r["task"] == task and r["batch"] == b and r["model"] == model]
-                    if pts:
-                        ax.plot(*zip(*pts), dash, color=colour, marker="o", label=f"{model}, batch {b}")
+                    for path, marker in zip(("eager", "compile", "graph", "compile_graph"), "osD^"):
+                        pts = [(r["context"], r["median_ms"]) for r in res["decode"]
+                               if r["task"] == task and r["batch"] == b and r["model"] == model
+                               and r.get("path", "eager") == path and "budget_gib" not in r]
+                        if pts:
+                            ax.plot(*zip(*pts), dash, color=colour, marker=marker, label=f"{model} {path}, batch {b}")
             ax.set(xscale="log", yscale="log", xlabel="context length", ylabel="ms per decode step",
                    title=f"Decode step time ({task.upper()})")
         elif panel == "state":

@@ -16,12 +16,14 @@ from omegaconf import DictConfig, open_dict
 
 from t2r_fairseq.models.option_checks import OptionError, check_choice, check_int, check_number, read_option
 from t2r_fairseq.modules.feature_maps import DEFAULT_FEATURE_MAP, FEATURE_MAPS
+from t2r_fairseq.modules.decode_step import DECODE_STEPS
 from t2r_fairseq.modules.linear_multihead_attention import LinearAttentionOptions
 from t2r_fairseq.ops.linear_attention import BACKENDS, DEFAULT_CHUNK_SIZE, DEFAULT_EPS
 
 FEATURE_MAP_CHOICES = ChoiceEnum(sorted(FEATURE_MAPS))
 TRAINABLE_CHOICES = ChoiceEnum(["all", "attention"])
 KERNEL_CHOICES = ChoiceEnum(list(BACKENDS))
+DECODE_STEP_CHOICES = ChoiceEnum(list(DECODE_STEPS))
 DEFAULT_FEATURE_MAP_LR_SCALE = 8.0
 # Translation: the encoder-decoder attention's own feature size. The swapped cross-attention is where an all-linear
 # decoder loses to its teacher; 128 features ended closer to it than 32 (the paper's k) on every seed of
@@ -66,6 +68,16 @@ class T2RConfig(FairseqDataclass):
             "help": "chunkwise causal attention implementation: torch (pure torch, any device), fla (fla's Triton "
             "kernel; needs CUDA and `pip install -e .[fla]`; not yet verified on a GPU), auto (torch for now: it "
             "will pick fla only once fla's kernel is verified on a GPU)"
+        },
+    )
+    decode_step: DECODE_STEP_CHOICES = field(  # type: ignore[valid-type]
+        default="auto",
+        metadata={
+            "help": "generation's incremental step (fairseq-generate, -interactive, the hub API; change it at "
+            "generation with --model-overrides \"{'decode_step': 'graph'}\"): eager (fairseq's decoder forward, "
+            "the oracle), compile (torch.compile of the whole step on static state buffers), graph (the static "
+            "step captured as one CUDA graph; uncaptured without CUDA), compile_graph (both), auto (the measured "
+            "choice per device: eager until a GPU run has measured the others; docs/BENCHMARKS.md)"
         },
     )
     linear_eps: float = field(
@@ -145,6 +157,7 @@ def validate_t2r_options(args: Any) -> None:
                           f"learning-rate multiplier of the feature maps; 1 = the paper, "
                           f"default {DEFAULT_FEATURE_MAP_LR_SCALE:g}")
     _check_choice("--linear-kernel", read_option(args, "linear_kernel", "auto"), list(BACKENDS))
+    decode_step_option(args)
     _check_choice("--trainable", read_option(args, "trainable", "all"), ["all", "attention"])
     sliding_window_option(args)
 
@@ -162,6 +175,11 @@ def translation_defaults(args: Any) -> None:
                 args.cross_feature_size = DEFAULT_CROSS_FEATURE_SIZE
     elif not hasattr(args, "cross_feature_size"):
         args.cross_feature_size = DEFAULT_CROSS_FEATURE_SIZE
+
+
+def decode_step_option(args: Any) -> str:
+    """``--decode-step``, checked when the model is built (a bad ``--model-overrides`` value fails before decoding)."""
+    return _check_choice("--decode-step", read_option(args, "decode_step", "auto"), list(DECODE_STEPS))
 
 
 def sliding_window_option(args: Any) -> int:

@@ -7,8 +7,10 @@ drop, activation checkpointing and FSDP wrapping stay fairseq's.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Dict, List, Optional, Tuple
 
+import torch
 from fairseq.distributed import fsdp_wrap
 from fairseq.utils import safe_getattr
 from fairseq.models.transformer import TransformerConfig, TransformerDecoder, TransformerEncoder
@@ -16,9 +18,13 @@ from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, Trans
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from torch import Tensor, nn
 
-from t2r_fairseq.models.config import attention_options, sliding_window_option
+from t2r_fairseq.models.config import attention_options, decode_step_option, sliding_window_option
+from t2r_fairseq.modules.decode_step import StaticDecodeRunner, resolve_decode_step, unsupported_reason, wants_alignment
 from t2r_fairseq.modules.linear_multihead_attention import LinearAttentionOptions, LinearMultiheadAttention
 from t2r_fairseq.modules.sliding_window_attention import SlidingWindowAttention
+
+logger = logging.getLogger(__name__)
+IncrementalState = Dict[str, Dict[str, Optional[Tensor]]]
 
 
 def _wrap_like_fairseq(layer: nn.Module, cfg: TransformerConfig) -> nn.Module:
@@ -139,7 +145,9 @@ class T2RTransformerDecoder(TransformerDecoder):
 
     It also drops the decoder's L x L future mask: causal linear attention is
     causal by construction, and the mask would cost O(L^2) memory that the
-    linear model exists to avoid.
+    linear model exists to avoid. Generation's step runs on static buffers
+    (compiled and/or captured as a CUDA graph) when ``--decode-step`` asks for
+    it: :mod:`t2r_fairseq.modules.decode_step`.
     """
 
     def __init__(
@@ -155,7 +163,64 @@ class T2RTransformerDecoder(TransformerDecoder):
             None if safe_getattr(args, "softmax_cross_attention", False) else attention_options(args, cross=True)
         )
         self.sliding_window = sliding_window_option(args)  # validated before any layer is built
+        self.decode_step = decode_step_option(args)
         super().__init__(args, dictionary, embed_tokens, no_encoder_attn, output_projection)
+        self._runner: Optional[StaticDecodeRunner] = None
+        self._refused: Optional[str] = None
+
+    def set_decode_step(self, mode: str) -> None:
+        """Switch generation's step (``--decode-step``'s values) on a built model, e.g. from the hub API."""
+        resolve_decode_step(mode, torch.device("cpu"))  # validates
+        self.decode_step, self._runner, self._refused = mode, None, None
+
+    def _static_runner(self, incremental_state: Optional[IncrementalState], plain: bool) -> Optional[StaticDecodeRunner]:
+        """The runner for this call, or None for fairseq's eager forward (training, scoring, the first step of a
+        generation, or a model the static step cannot take)."""
+        if incremental_state is None or not plain or self.training or torch.is_grad_enabled():
+            return None
+        mode = resolve_decode_step(self.decode_step, next(self.parameters()).device)
+        if mode == "eager" or self._refused is not None:
+            return None
+        runner = self._runner
+        if runner is None or runner.mode != mode or not runner.valid_for(self):
+            reason = unsupported_reason(self)
+            if reason is not None:
+                self._refused = reason
+                logger.warning("--decode-step %s: %s; generating with the eager step", mode, reason)
+                return None
+            runner = self._runner = StaticDecodeRunner(self, mode)
+        if wants_alignment(self):
+            return None  # eager computes the alignments
+        return runner if runner.ready(incremental_state) else None
+
+    def forward(  # type: ignore[override]
+        self,
+        prev_output_tokens: Tensor,
+        encoder_out: Optional[Dict[str, List[Tensor]]] = None,
+        incremental_state: Optional[IncrementalState] = None,
+        features_only: bool = False,
+        full_context_alignment: bool = False,
+        alignment_layer: Optional[int] = None,
+        alignment_heads: Optional[int] = None,
+        src_lengths: Optional[Any] = None,
+        return_all_hiddens: bool = False,
+    ) -> Tuple[Tensor, Dict[str, Any]]:
+        """fairseq's forward; a plain generation step goes to the static runner when ``--decode-step`` asks."""
+        plain = not (features_only or full_context_alignment or return_all_hiddens) and alignment_layer is None
+        runner = self._static_runner(incremental_state, plain)
+        if runner is not None:
+            assert incremental_state is not None
+            return runner.step(prev_output_tokens, incremental_state), {"attn": [None], "inner_states": None}
+        return super().forward(prev_output_tokens, encoder_out, incremental_state, features_only,
+                               full_context_alignment, alignment_layer, alignment_heads, src_lengths, return_all_hiddens)
+
+    def reorder_incremental_state_scripting(self, incremental_state: IncrementalState, new_order: Tensor) -> None:
+        """Beam reorder: in place in the runner's static buffers when it owns this state, else fairseq's."""
+        runner = self._runner
+        if runner is not None and runner.owns(incremental_state):
+            runner.reorder(incremental_state, new_order)
+            return
+        super().reorder_incremental_state_scripting(incremental_state, new_order)
 
     def build_decoder_layer(self, cfg: Any, no_encoder_attn: bool = False) -> nn.Module:
         cfg = TransformerConfig.from_namespace(cfg)

@@ -71,7 +71,13 @@ class FusedProjection:
     def __call__(self, layer: nn.Module, x: Tensor, role: str, fold_map: bool) -> Tuple[List[Tensor], bool]:
         """``x [T, B, C]`` through the fused weights: the per-part outputs (time-major) and whether the map's
         affine prefix was folded in (then only its activation is left to apply)."""
-        fused = self.weights(layer, role, fold_map)
+        hit = self._cache.get(role)
+        if hit is not None and torch.compiler.is_compiling():
+            # Inside generation's compiled step (modules.decode_step): the runner validated this cache before the
+            # step was traced (validating here compares storage pointers, which torch.compile cannot trace).
+            fused = hit[1]
+        else:
+            fused = self.weights(layer, role, fold_map)
         return list(F.linear(x, fused.weight, fused.bias).split(fused.sizes, dim=-1)), fused.folded
 
     def __deepcopy__(self, memo: dict) -> "FusedProjection":
