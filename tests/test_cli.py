@@ -199,3 +199,30 @@ def test_unknown_feature_map_lists_valid_ones(work):
     save = work / "err-fmap"
     proc = _t2r_lm_train(work, save, "--feature-map", "cosformer")
     _assert_failed_cleanly(proc, save, r"--feature-map: invalid choice: 'cosformer' \(choose from .*elu.*hedgehog.*performer.*rfa.*t2r")
+
+
+def test_decode_step_override_generates_what_eager_generates(work, mt_t2r, lm_t2r):
+    """--decode-step through fairseq-generate's --model-overrides (MT, beam 4) and the hub's from_pretrained
+    keyword (LM): the static step is used (its log line says so) and every hypothesis equals the eager step's."""
+    ckpt = work / "mt-t2r" / "checkpoint_last.pt"
+    hyps, logs = {}, {}
+    for mode in ("eager", "graph"):
+        gen = run("fairseq-generate", work / "bin-mt", "--user-dir", USER_DIR, "--path", ckpt, "--beam", "4", "--cpu",
+                  "--max-tokens", "2048", "--model-overrides", f"{{'decode_step': '{mode}'}}")
+        hyps[mode] = sorted((i, text) for i, _, text in re.findall(r"^H-(\d+)\t(\S+)\t(.*)$", gen.stdout, flags=re.M))
+        logs[mode] = gen.stdout + gen.stderr
+    assert hyps["eager"] and hyps["graph"] == hyps["eager"]
+    assert "static step runs uncaptured on cpu" in logs["graph"] and "static step" not in logs["eager"]
+    code = (
+        "import t2r_fairseq\n"
+        "from t2r_fairseq.models.t2r_transformer_lm import T2RTransformerLanguageModel as LM\n"
+        "out = {}\n"
+        "for mode in ('eager', 'graph'):\n"
+        f"    lm = LM.from_pretrained({str(work / 'lm-t2r')!r}, 'checkpoint_last.pt', {str(work / 'bin-lm')!r}, decode_step=mode)\n"
+        "    assert lm.models[0].decoder.decode_step == mode\n"
+        "    out[mode] = lm.sample(['w1 w2', 'w3'], beam=3, max_len_b=8)\n"
+        "print('SAME', out['eager'] == out['graph'], out['eager'])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "SAME True" in proc.stdout, proc.stdout

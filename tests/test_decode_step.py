@@ -211,3 +211,25 @@ def test_graph_capture_on_cuda(tmp_path, dtype, atol, mode):
                     torch.testing.assert_close(sg[0][2].float(), sw[0][2].float(), rtol=0, atol=atol)
     runner = captured.decoder._runner
     assert runner.capture and all(b.graph is not None for b in runner._buckets.values())
+
+
+def test_decode_step_override_reaches_checkpoints_older_than_the_option(tmp_path):
+    """fairseq drops --model-overrides keys a dataclass config lacks; --decode-step must still reach a T2R LM
+    checkpoint written before the option existed (and nothing else unknown may be added)."""
+    from fairseq import checkpoint_utils
+
+    import t2r_fairseq  # noqa: F401  (installs the wrapper)
+
+    def save(path, name):  # the fields fairseq's reader upgrades, as fairseq-train writes them
+        history = [{"criterion_name": "CrossEntropyCriterion", "optimizer_name": "FairseqAdam", "best_loss": None,
+                    "lr_scheduler_state": {"best": None}, "num_updates": 0}]
+        torch.save({"cfg": {"model": {"_name": name, "feature_size": 8}}, "model": {}, "args": None,
+                    "optimizer_history": history, "extra_state": {"epoch": 1}}, path)
+
+    path = tmp_path / "old.pt"
+    save(path, "t2r_transformer_lm")
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(path), {"decode_step": "graph", "not_an_option": 1})
+    assert state["cfg"]["model"]["decode_step"] == "graph" and "not_an_option" not in state["cfg"]["model"]
+    softmax = tmp_path / "softmax.pt"
+    save(softmax, "transformer_lm")
+    assert "decode_step" not in checkpoint_utils.load_checkpoint_to_cpu(str(softmax), {"decode_step": "graph"})["cfg"]["model"]

@@ -57,8 +57,10 @@ def install() -> bool:
     from t2r_fairseq.hardening.checkpoint_files import make_checkpoint_copies_atomic
     from t2r_fairseq.hardening.dataset_checks import check_datasets_when_loaded
     from t2r_fairseq.hardening.fairseq_help import complete_fairseq_help
+    from t2r_fairseq.hardening.model_overrides import apply_generation_overrides
 
     name_path_in_checkpoint_errors()
+    apply_generation_overrides()
     check_datasets_when_loaded()
     refuse_directories_as_checkpoints()
     name_dictionary_in_vocabulary_mismatches()
