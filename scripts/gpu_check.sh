@@ -3,7 +3,8 @@
 # minutes). Prepare first, on a machine with network: bash scripts/gpu_pack.sh TEACHER.pt T2R.pt DATA_BIN
 # Then, on the GPU machine (the device tool: carry .whl and gpu-pack):
 #
-#   bash scripts/gpu_check.sh            # writes everything under $OUT (default runs/gpu-check)
+#   bash scripts/gpu_check.sh       # writes everything under $GPU_CHECK_DIR (default runs/gpu-check); where $OUT is
+#                                   # set (the device tool), also $OUT/summary.md and $OUT/gpu-check.tar.gz
 #
 # 1. equivalence on CUDA: the captured / compiled decode step against the eager oracle (fp32 <= 1e-5, bf16
 #    bounded; beam reorder, finished hypotheses, two batches), and fla's chunk kernel against the naive oracle
@@ -17,11 +18,11 @@
 # GPU_CHECK_DRY=1: the same stages on CPU at the benchmark's tiny sizes (checks this script where no GPU is).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-runs/gpu-check}
-mkdir -p "$OUT"
+DIR=${GPU_CHECK_DIR:-runs/gpu-check}
+mkdir -p "$DIR"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-if compgen -G ".whl/*.whl" > /dev/null; then
+if [[ ${GPU_CHECK_DRY:-0} != 1 ]] && compgen -G ".whl/*.whl" > /dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
 else
@@ -31,20 +32,20 @@ say() { echo "=== [gpu_check $(date +%T)] $*"; }
 stage() {  # name seconds command...: run with a limit, keep its log, never stop the script
   local name=$1 limit=$2; shift 2
   say "$name (limit ${limit}s)"
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
-  say "$name: exit $rc"; tail -3 "$OUT/$name.log"
+  timeout "$limit" "$@" > "$DIR/$name.log" 2>&1; local rc=$?
+  say "$name: exit $rc"; tail -3 "$DIR/$name.log"
 }
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
   "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__)"
-  git log -1 --format='commit %h %cs' 2>/dev/null; } | tee "$OUT/machine.txt"
+  git log -1 --format='commit %h %cs' 2>/dev/null; } | tee "$DIR/machine.txt"
 
 if [[ ${GPU_CHECK_DRY:-0} == 1 ]]; then
-  DEV=(--device cpu --dtype float32 --threads 2) GEN=(--cpu)
+  DEV=(--device cpu --dtype float32 --threads 2) GEN=(--cpu) GEN_LIMIT=300
   GRID=(--tiny --batches 1,2 --contexts 8,32 --budget-contexts 32 --memory-budget-gib 0.0001)
   LM_BIG=(--tiny --layers 2 --dim 32 --heads 4 --batches 2 --contexts 32) MT_BIG=("${LM_BIG[@]}" --mt-source-length 16)
   TRAIN=(--tiny --train-lengths 64)
 else
-  DEV=(--device cuda --dtype bfloat16 --threads 0) GEN=(--bf16)
+  DEV=(--device cuda --dtype bfloat16 --threads 0) GEN=(--bf16) GEN_LIMIT=60
   GRID=(--batches 1,16,64,256 --contexts 256,1024,8192 --memory-budget-gib 16 --budget-contexts 2048,8192)
   LM_BIG=(--layers 16 --dim 1024 --heads 8 --batches 16,64 --contexts 1024,8192)
   MT_BIG=(--layers 6 --dim 1024 --heads 16 --batches 16,64 --contexts 1024,8192 --mt-source-length 1024)
@@ -53,15 +54,21 @@ fi
 stage tests 110 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" tests/test_decode_step.py tests/test_linear_attention.py \
   -k "cuda or fla"
 BENCH=("$PY" -m t2r_fairseq.bench "${DEV[@]}" --skip train --decode-steps eager,graph --warmup 3 --repeats 10)
-stage bench_default 110 "${BENCH[@]}" --out "$OUT/bench-default" "${GRID[@]}"
-stage bench_lm_wt103 45 "${BENCH[@]}" --out "$OUT/bench-lm-wt103" --tasks lm "${LM_BIG[@]}"
-stage bench_mt_big 45 "${BENCH[@]}" --out "$OUT/bench-mt-big" --tasks mt "${MT_BIG[@]}"
-stage bench_train 45 "$PY" -m t2r_fairseq.bench "${DEV[@]}" --skip decode --out "$OUT/bench-train" --topk-k 0 "${TRAIN[@]}"
+stage bench_default 110 "${BENCH[@]}" --out "$DIR/bench-default" "${GRID[@]}"
+stage bench_lm_wt103 45 "${BENCH[@]}" --out "$DIR/bench-lm-wt103" --tasks lm "${LM_BIG[@]}"
+stage bench_mt_big 45 "${BENCH[@]}" --out "$DIR/bench-mt-big" --tasks mt "${MT_BIG[@]}"
+stage bench_train 45 "$PY" -m t2r_fairseq.bench "${DEV[@]}" --skip decode --out "$DIR/bench-train" --topk-k 0 "${TRAIN[@]}"
 if [[ -f gpu-pack/teacher.pt && -f gpu-pack/t2r.pt ]]; then
-  stage generate 60 bash scripts/generate_speed.sh gpu-pack/data-bin gpu-pack/teacher.pt gpu-pack/t2r.pt \
-    "$OUT/generate" "${GEN[@]}"
+  stage generate "$GEN_LIMIT" env DECODE_PATHS=graph bash scripts/generate_speed.sh gpu-pack/data-bin gpu-pack/teacher.pt gpu-pack/t2r.pt \
+    "$DIR/generate" "${GEN[@]}"
 else
   say "generate: skipped (no gpu-pack/; run scripts/gpu_pack.sh first)"
 fi
-for f in "$OUT"/bench-*/results.md "$OUT"/generate/generate_speed.md; do [[ -f $f ]] && cp "$f" "$OUT/$(basename "$(dirname "$f")").md"; done
-say "done: $OUT"
+for f in "$DIR"/machine.txt "$DIR"/bench-*/results.md "$DIR"/generate/generate_speed.md "$DIR"/tests.log; do
+  [[ -f $f ]] && { echo "## $f"; cat "$f"; echo; }
+done > "$DIR/summary.md"
+if [[ -n ${OUT:-} && $OUT != "$DIR" ]]; then  # the device tool returns at most 8 files: a summary and one archive
+  cp "$DIR/summary.md" "$OUT/summary.md"
+  tar czf "$OUT/gpu-check.tar.gz" -C "$(dirname "$DIR")" "$(basename "$DIR")"
+fi
+say "done: $DIR"
