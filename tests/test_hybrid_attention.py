@@ -566,7 +566,7 @@ def test_bench_tiny_hybrid_rows(tmp_path):
         assert rows[("t2r_hybrid_w4", ctx)]["median_ms"] > 0
     assert "lm_b1_t2r_hybrid_w4_step_over_t2r_ctx32" in res["summary"]
     assert any(r["variant"] == "hybrid_w4" and r["saved_activation_bytes"] > 0 for r in res["train"])
-    assert "| lm | t2r_hybrid_w4 | 1 | 32 |" in (tmp_path / "results.md").read_text()
+    assert "| lm | t2r_hybrid_w4 | eager | 1 | 32 |" in (tmp_path / "results.md").read_text()
 
 
 def test_bench_refuses_a_negative_window(tmp_path, capsys):

@@ -6,8 +6,8 @@ separate small kernels. On a GPU at decode batch sizes that is launch-bound, not
 the same step on **static buffers** -- the ``(S, z)`` state of every linear attention, the step's token ids,
 positions and padding mask, the logits -- so that the whole step can be
 
-* ``compile``: traced by ``torch.compile`` (the feature maps, state update, normaliser and readout of each layer
-  fused into few kernels);
+* ``compile``: traced by ``torch.compile`` as one graph (the feature maps, state update, normaliser and readout of
+  each layer given to inductor to fuse);
 * ``graph``: captured once as a CUDA graph and replayed (one launch per step); on a machine without CUDA the
   same static step runs uncaptured (the capture logic's CPU fallback, which the CPU tests exercise);
 * ``compile_graph``: both -- the compiled step, captured.
@@ -26,7 +26,7 @@ first rows of the static buffers -- so anything that inspects it sees the live s
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -35,9 +35,10 @@ from torch import Tensor, nn
 logger = logging.getLogger(__name__)
 
 DECODE_STEPS = ("auto", "eager", "compile", "graph", "compile_graph")
-# What ``auto`` means per device type: chosen by measurement (docs/BENCHMARKS.md). On CPU the eager step measured
-# fastest at the default size (the static step saves nothing there, compile adds guard overhead); CUDA stays eager
-# until a GPU run of scripts/gpu_check.sh has measured the captured step against it (issue 32).
+# What ``auto`` means per device type: chosen by measurement (docs/BENCHMARKS.md, "Decode paths"). On CPU the static
+# step alone gains nothing (no launches to save) and compile's 0-31% per step does not repay its one-off compilation
+# in a fairseq-generate run (3.4x slower end to end); CUDA stays eager until a GPU run of scripts/gpu_check.sh has
+# measured the captured step against it (issue 32).
 AUTO_DECODE_STEP: Dict[str, str] = {"cpu": "eager", "cuda": "eager"}
 
 State = Dict[str, Dict[str, Optional[Tensor]]]
@@ -150,7 +151,6 @@ class _Bucket:
     output: Optional[Tensor] = None
     graph: Any = None  # torch.cuda.CUDAGraph once captured
     checked: bool = False
-    keys: List[str] = field(default_factory=list)
 
 
 class StaticDecodeRunner:
