@@ -168,5 +168,5 @@ def test_static_kv_softmax_equals_fairseq_kv_cache_step():
         layer.self_attn.v_cache[:, :, :context].copy_(buffer["prev_value"])
     with torch.no_grad():
         want, _ = model.decoder(tokens, incremental_state=state)
-        got = StaticHarness(static, "graph", batch, cfg.dim).step(tokens)
+        got = StaticHarness(static, "graph", batch).step(tokens)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

@@ -229,7 +229,7 @@ def time_step(task: str, kind: str, path: str, model: nn.Module, cfg: argparse.N
         if kind == "softmax":  # its static KV cache replaces the attentions: on a copy, one per row
             model = copy.deepcopy(model)
             base = {}
-        step = static_step(model, kind, path, tokens, base, cfg.dim, source_length)
+        step = static_step(model, kind, path, tokens, base, source_length)
     t = timeit(step, cfg.warmup, cfg.repeats, device)
     row = {"task": task, "model": model_label(kind, cfg), "path": path, "batch": batch, "context": context,
            "source_length": source_length, **t, "tokens_per_s": batch * 1000 / t["median_ms"],

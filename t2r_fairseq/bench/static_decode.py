@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from t2r_fairseq.modules.decode_step import StaticDecodeRunner, capture_step, decoder_step
+from t2r_fairseq.modules.decode_step import StaticDecodeRunner, StaticInputs, capture_step, decoder_step
 
 STATIC_PATHS = ("compile", "graph", "compile_graph")
 PATHS = ("eager", *STATIC_PATHS)
@@ -77,35 +77,25 @@ class StaticHarness:
     """The runner's per-step work for a model without a recurrent state (softmax with a static KV cache, the
     attention-free bound): static inputs, the step run (compiled) or replayed (captured)."""
 
-    def __init__(self, model: nn.Module, path: str, batch: int, encoder_dim: int) -> None:
+    def __init__(self, model: nn.Module, path: str, batch: int) -> None:
         dec = model.decoder
-        p = next(model.parameters())
-        self.decoder, self.device = dec, p.device
-        self.tokens = torch.full((batch, 1), dec.padding_idx + 1, dtype=torch.long, device=p.device)
-        self.mask = torch.zeros(batch, 1, dtype=torch.bool, device=p.device)
-        self.positions = (torch.zeros(batch, 1, dec.embed_dim, device=p.device, dtype=p.dtype)
-                          if dec.embed_positions is not None else None)
-        has_cross = any(getattr(layer, "encoder_attn", None) is not None for layer in dec.layers)
-        self.encoder_out = torch.zeros(1, batch, encoder_dim, device=p.device, dtype=p.dtype) if has_cross else None
+        self.decoder, self.inputs = dec, StaticInputs.allocate(dec, batch)
         fn: Callable[..., Tensor] = torch.compile(decoder_step, dynamic=False) if path.startswith("compile") else decoder_step
-        self.run = lambda: fn(dec, self.tokens, self.positions, self.mask, self.encoder_out, {})
+        self.run = lambda: self.inputs.run(fn, dec, {})
         self.graph: Any = None
-        if path.endswith("graph") and p.device.type == "cuda":
-            self.graph, self.output, _ = capture_step(self.run, p.device)
+        device = next(model.parameters()).device
+        if path.endswith("graph") and device.type == "cuda":
+            self.graph, self.output, _ = capture_step(self.run, device)
 
     def step(self, prev_output_tokens: Tensor) -> Tensor:
-        last = prev_output_tokens[:, -1:]
-        self.tokens.copy_(last)
-        self.mask.copy_(last.eq(self.decoder.padding_idx))
-        if self.positions is not None:
-            self.positions.copy_(self.decoder.embed_positions(prev_output_tokens, incremental_state={})[:, -1:])
+        self.inputs.load(self.decoder, prev_output_tokens, {})
         if self.graph is not None:
             self.graph.replay()
             return self.output
         return self.run()
 
 
-def static_step(model: nn.Module, kind: str, path: str, tokens: Tensor, state: dict, encoder_dim: int,
+def static_step(model: nn.Module, kind: str, path: str, tokens: Tensor, state: dict,
                 source_length: int) -> Callable[[], object]:
     """A zero-argument callable that runs one decode step of ``model`` on ``path`` (state advanced in place)."""
     batch, context = tokens.size(0), tokens.size(1) - 1
@@ -116,5 +106,5 @@ def static_step(model: nn.Module, kind: str, path: str, tokens: Tensor, state: d
         return lambda: runner.step(tokens, state)
     if kind == "softmax":
         use_static_kv_cache(model, batch, context, source_length)
-    harness = StaticHarness(model, path, batch, encoder_dim)
+    harness = StaticHarness(model, path, batch)
     return lambda: harness.step(tokens)

@@ -32,6 +32,8 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
+from t2r_fairseq.modules.linear_multihead_attention import LinearMultiheadAttention, is_identity_order
+
 logger = logging.getLogger(__name__)
 
 DECODE_STEPS = ("auto", "eager", "compile", "graph", "compile_graph")
@@ -100,8 +102,6 @@ def unsupported_reason(decoder: nn.Module) -> Optional[str]:
     :class:`~t2r_fairseq.modules.linear_multihead_attention.LinearMultiheadAttention` (the sliding-window hybrid's
     ring buffer and fairseq's softmax KV cache are not). Alignments are checked per call (:func:`wants_alignment`).
     """
-    from t2r_fairseq.modules.linear_multihead_attention import LinearMultiheadAttention
-
     for module in stateful_attentions(decoder):
         if type(module) is not LinearMultiheadAttention:
             return f"{type(module).__name__} keeps a state that grows or shifts ({module.__class__.__module__})"
@@ -139,15 +139,51 @@ def capture_step(run: Callable[[], Tensor], device: torch.device, pool: Any = No
 
 
 @dataclass
+class StaticInputs:
+    """What changes from one decode step to the next, in fixed buffers of ``size`` rows: the newest token, its
+    padding mask and its positional embedding (computed by fairseq's own module), plus the encoder-output
+    placeholder the layers need to run their (cached) encoder-decoder attention."""
+
+    tokens: Tensor
+    padding_mask: Tensor
+    positions: Optional[Tensor]
+    encoder_out: Optional[Tensor]
+
+    @classmethod
+    def allocate(cls, decoder: nn.Module, size: int) -> "StaticInputs":
+        param = next(decoder.parameters())
+        device, dtype = param.device, param.dtype
+        positions = None
+        if decoder.embed_positions is not None:
+            positions = torch.zeros(size, 1, decoder.embed_dim, device=device, dtype=dtype)
+        encoder_out = None
+        if any(getattr(layer, "encoder_attn", None) is not None for layer in decoder.layers):
+            encoder_out = torch.zeros(1, size, 1, device=device, dtype=dtype)  # never read
+        return cls(torch.full((size, 1), decoder.padding_idx + 1, dtype=torch.long, device=device),
+                   torch.zeros(size, 1, dtype=torch.bool, device=device), positions, encoder_out)
+
+    def load(self, decoder: nn.Module, prev_output_tokens: Tensor, incremental_state: State) -> None:
+        """Copy the newest token of ``prev_output_tokens [B, T]`` (and its mask and position) into the first B rows."""
+        batch = prev_output_tokens.size(0)
+        last = prev_output_tokens[:, -1:]
+        self.tokens[:batch].copy_(last)
+        self.padding_mask[:batch].copy_(last.eq(decoder.padding_idx))
+        if self.positions is not None:
+            # fairseq's own positional module, so learned, sinusoidal and any offset behave exactly as in eager.
+            positions = decoder.embed_positions(prev_output_tokens, incremental_state=incremental_state)
+            self.positions[:batch].copy_(positions[:, -1:])
+
+    def run(self, step_fn: Callable[..., Tensor], decoder: nn.Module, state: State) -> Tensor:
+        return step_fn(decoder, self.tokens, self.positions, self.padding_mask, self.encoder_out, state)
+
+
+@dataclass
 class _Bucket:
     """Static buffers (and the captured graph) for one batch capacity."""
 
     size: int
     state: State
-    tokens: Tensor
-    padding_mask: Tensor
-    positions: Optional[Tensor]
-    encoder_out: Optional[Tensor]
+    inputs: StaticInputs
     output: Optional[Tensor] = None
     graph: Any = None  # torch.cuda.CUDAGraph once captured
     checked: bool = False
@@ -219,17 +255,9 @@ class StaticDecodeRunner:
         size = self._capacity(batch)
         bucket = self._buckets.get(size)
         if bucket is None:
-            dec = self.decoder
             state = {key: {name: t.new_zeros((size, *t.shape[1:])) for name, t in like[key].items()}
                      for key in self._keys}
-            positions = None
-            if dec.embed_positions is not None:
-                positions = torch.zeros(size, 1, dec.embed_dim, device=self.device, dtype=self.dtype)
-            encoder_out = None
-            if any(getattr(layer, "encoder_attn", None) is not None for layer in dec.layers):
-                encoder_out = torch.zeros(1, size, 1, device=self.device, dtype=self.dtype)  # never read
-            bucket = _Bucket(size, state, torch.full((size, 1), dec.padding_idx + 1, dtype=torch.long, device=self.device),
-                             torch.zeros(size, 1, dtype=torch.bool, device=self.device), positions, encoder_out)
+            bucket = _Bucket(size, state, StaticInputs.allocate(self.decoder, size))
             self._buckets[size] = bucket
         return bucket
 
@@ -271,8 +299,7 @@ class StaticDecodeRunner:
     # -- the step -------------------------------------------------------------------------------
 
     def _run(self, bucket: _Bucket) -> Tensor:
-        return self.step_fn(self.decoder, bucket.tokens, bucket.positions, bucket.padding_mask, bucket.encoder_out,
-                            bucket.state)
+        return bucket.inputs.run(self.step_fn, self.decoder, bucket.state)
 
     def _check_in_place(self, bucket: _Bucket, before: Dict[str, Dict[str, int]]) -> None:
         """The step must have advanced the static tensors themselves, not replaced them."""
@@ -303,13 +330,7 @@ class StaticDecodeRunner:
                                "incremental state")
         bucket = self._bucket
         assert bucket is not None
-        dec = self.decoder
-        last = prev_output_tokens[:, -1:]
-        bucket.tokens[:batch].copy_(last)
-        bucket.padding_mask[:batch].copy_(last.eq(dec.padding_idx))
-        if bucket.positions is not None:
-            # fairseq's own positional module, so learned, sinusoidal and any offset behave exactly as in eager.
-            bucket.positions[:batch].copy_(dec.embed_positions(prev_output_tokens, incremental_state=incremental_state)[:, -1:])
+        bucket.inputs.load(self.decoder, prev_output_tokens, incremental_state)
         if self.capture:
             if bucket.graph is None:
                 self._capture(bucket)
@@ -328,7 +349,7 @@ class StaticDecodeRunner:
         bucket = self._bucket
         assert bucket is not None and incremental_state is self._owner
         live = new_order.numel()
-        if live == self._live and torch.equal(new_order, torch.arange(live, device=new_order.device)):
+        if is_identity_order(new_order, self._live):
             return
         target = self._bucket_for(live, bucket.state)
         for key in self._keys:

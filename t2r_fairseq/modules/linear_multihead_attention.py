@@ -59,14 +59,17 @@ class LinearAttentionOptions:
     feature_map_lr_scale: float = 1.0  # learning-rate multiplier of the feature map (see modules.feature_maps)
 
 
+def is_identity_order(order: Tensor, size: int) -> bool:
+    """True when ``order`` (a beam reorder) keeps each of ``size`` rows where it is, so nothing need be copied."""
+    return order.numel() == size and bool(
+        torch.equal(order, torch.arange(size, device=order.device, dtype=order.dtype))
+    )
+
+
 def _is_identity(order: Tensor, buffer: Dict[str, Optional[Tensor]]) -> bool:
     """True when ``order`` keeps every row of the buffer's tensors where it is."""
     size = next((t.size(0) for t in buffer.values() if t is not None), None)
-    return (
-        size is not None
-        and order.numel() == size
-        and bool(torch.equal(order, torch.arange(size, device=order.device, dtype=order.dtype)))
-    )
+    return size is not None and is_identity_order(order, size)
 
 
 @with_incremental_state
