@@ -168,6 +168,15 @@ class T2RTransformerDecoder(TransformerDecoder):
         self._runner: Optional[StaticDecodeRunner] = None
         self._refused: Optional[str] = None
 
+    def set_beam_size(self, beam_size: int) -> None:  # type: ignore[override]
+        """fairseq's generator announces its beam (through the model's ``set_beam_size``): the linear
+        cross-attention then keeps its source state once per sentence. fairseq's own softmax cross-attention
+        (``--softmax-cross-attention``) is left as the stock transformer runs it, one row per hypothesis: its
+        beamable path trusts a beam size that a later greedy call on the same model would leave stale."""
+        for module in self.modules():
+            if isinstance(module, LinearMultiheadAttention) and module.encoder_decoder_attention:
+                module.set_beam_size(beam_size)
+
     def set_decode_step(self, mode: str) -> None:
         """Switch generation's step (``--decode-step``'s values) on a built model, e.g. from the hub API."""
         resolve_decode_step(mode, torch.device("cpu"))  # validates

@@ -47,6 +47,10 @@ class T2RTransformerModel(SwapLoadMixin, TransformerModel):
         apply_trainable(model, str(getattr(args, "trainable", "all")))
         return model
 
+    def set_beam_size(self, beam_size: int) -> None:
+        """Called by fairseq's ``SequenceGenerator`` (as for BART): each source state is kept once per sentence."""
+        self.decoder.set_beam_size(beam_size)
+
     @classmethod
     def build_encoder(cls, args: Any, src_dict: Any, embed_tokens: Any) -> Any:
         shatter = build_encoder(args, src_dict, embed_tokens, "multihead")

@@ -90,6 +90,16 @@ def decoder_step(
     return decoder.output_layer(x)
 
 
+def per_hypothesis(buffer: Dict[str, Optional[Tensor]]) -> Dict[str, Optional[Tensor]]:
+    """A layer's state with one row per hypothesis: a source state kept once per sentence (its ``group`` entry
+    records the hypotheses per row, see ``LinearMultiheadAttention._cross_attention``) repeated for each."""
+    group = buffer.get("group")
+    if group is None:
+        return buffer
+    return {name: t.repeat_interleave(group.size(1), dim=0) for name, t in buffer.items()
+            if name != "group" and t is not None}
+
+
 def stateful_attentions(decoder: nn.Module) -> List[nn.Module]:
     """Every module of the decoder that keeps incremental state (the layers' attentions)."""
     return [m for m in decoder.modules() if hasattr(m, "_get_input_buffer") and hasattr(m, "reorder_incremental_state")]
@@ -242,7 +252,7 @@ class StaticDecodeRunner:
             return True
         for key in self._keys:
             buffer = incremental_state.get(key)
-            if not buffer or set(buffer) != {"S", "z"} or any(t is None for t in buffer.values()):
+            if not buffer or set(buffer) - {"group"} != {"S", "z"} or any(t is None for t in buffer.values()):
                 return False
         return True
 
@@ -290,6 +300,8 @@ class StaticDecodeRunner:
     def _take_over(self, incremental_state: State, batch: int) -> None:
         self._release_owner()
         self._refresh_fused()
+        for key in self._keys:  # static buffers hold one row per hypothesis, as the captured step reads them
+            incremental_state[key] = per_hypothesis(incremental_state[key])
         bucket = self._bucket_for(batch, incremental_state)
         for key in self._keys:
             for name, t in incremental_state[key].items():

@@ -38,6 +38,7 @@ from t2r_fairseq.ops.linear_attention import (
     DEFAULT_EPS,
     LinearAttentionState,
     causal_linear_attention,
+    grouped_linear_attention_readout,
     linear_attention_readout,
     linear_attention_state,
     linear_attention_step,
@@ -128,6 +129,9 @@ class LinearMultiheadAttention(nn.Module):
             options.feature_map, num_heads, self.head_dim, options.feature_size, options.feature_map_lr_scale
         )
         self.fused_projection = FusedProjection()
+        # Hypotheses per source sentence in beam search (fairseq's generator calls set_beam_size): encoder-decoder
+        # attention then keeps the source state once per sentence, not once per hypothesis.
+        self.beam_size = 1
         # False: generation takes the training-time path (separate q/k/v and feature-map matmuls, out-of-place
         # state update); the benchmark's --compare-unfused times both in one run.
         self.fast_generation = True
@@ -292,6 +296,33 @@ class LinearMultiheadAttention(nn.Module):
         self._set_input_buffer(incremental_state, {"S": state.S, "z": state.z})
         return out
 
+    def set_beam_size(self, beam_size: int) -> None:
+        """fairseq's hook (``FairseqIncrementalDecoder.set_beam_size``): the generator's hypotheses per sentence."""
+        self.beam_size = beam_size
+
+    def _sentence_rows(self, key: Tensor, key_padding_mask: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor], int]:
+        """The encoder output once per source sentence: ``(key, mask, hypotheses per row)``.
+
+        fairseq's generator repeats each sentence's encoder output for its ``beam`` hypotheses. Their source state
+        is identical, so the cross-attention builds, keeps and reads it once per sentence. The repeat is checked
+        (one comparison over the encoder output, once per batch), so a stale ``set_beam_size`` -- a greedy call
+        after a beam search on the same model -- falls back to one state per row instead of mixing sentences.
+        """
+        beam, rows = self.beam_size, key.size(1)
+        if beam <= 1 or rows % beam:
+            return key, key_padding_mask, 1
+        grouped = key.reshape(key.size(0), rows // beam, beam, -1)
+        first = grouped[:, :, :1]
+        if not torch.equal(grouped, first.expand_as(grouped)):
+            return key, key_padding_mask, 1
+        mask = None
+        if key_padding_mask is not None:
+            masks = key_padding_mask.reshape(rows // beam, beam, -1)
+            if not torch.equal(masks, masks[:, :1].expand_as(masks)):
+                return key, key_padding_mask, 1
+            mask = masks[:, 0]
+        return first.squeeze(2), mask, beam
+
     def _cross_attention(
         self,
         query: Tensor,
@@ -301,7 +332,7 @@ class LinearMultiheadAttention(nn.Module):
         need_weights: bool,
         need_head_weights: bool,
     ) -> Tuple[Tensor, Optional[Tensor]]:
-        """Read out a source summary that is built once per source and cached across steps."""
+        """Read out a source summary that is built once per source (sentence, in beam search) and cached."""
         buffer = self._get_input_buffer(incremental_state) if incremental_state is not None else {}
         phi_q = self._fused_inputs(query, "q")[0] if self._generating(incremental_state) else self._phi_q(query)
         phi_k: Optional[Tensor] = None
@@ -310,11 +341,17 @@ class LinearMultiheadAttention(nn.Module):
         else:
             if key is None:
                 raise ValueError("encoder-decoder attention needs the encoder output as key on its first call")
-            phi_k = self._phi_k(key)
-            state = linear_attention_state(phi_k, self._heads(self.v_proj(key)), key_padding_mask)
+            source, source_mask, group = key, key_padding_mask, 1
             if incremental_state is not None:
-                self._set_input_buffer(incremental_state, {"S": state.S, "z": state.z})
-        out = linear_attention_readout(phi_q, state, self.options.eps).to(query.dtype)
+                source, source_mask, group = self._sentence_rows(key, key_padding_mask)
+            phi_k = self._phi_k(source)
+            state = linear_attention_state(phi_k, self._heads(self.v_proj(source)), source_mask)
+            if incremental_state is not None:
+                buffer = {"S": state.S, "z": state.z}
+                if group > 1:
+                    buffer["group"] = state.z.new_empty((state.z.size(0), group), dtype=torch.bool)
+                self._set_input_buffer(incremental_state, buffer)
+        out = grouped_linear_attention_readout(phi_q, state, self.options.eps).to(query.dtype)
         out = self.out_proj(self._merge(out))
 
         weights: Optional[Tensor] = None
@@ -328,9 +365,11 @@ class LinearMultiheadAttention(nn.Module):
             if phi_k is None:
                 if key is None:
                     raise ValueError("attention weights were requested but no encoder output was given")
-                phi_k = self._phi_k(key)
+                phi_k = self._phi_k(key[:, :: query.size(1) // state.S.size(0)])
             if incremental_state is not None and "phi_k" not in buffer:
-                self._set_input_buffer(incremental_state, {"S": state.S, "z": state.z, "phi_k": phi_k})
+                self._set_input_buffer(incremental_state, {**buffer, "phi_k": phi_k})
+            if phi_k.size(0) != phi_q.size(0):  # one row per sentence: each hypothesis attends over its own
+                phi_k = phi_k.repeat_interleave(phi_q.size(0) // phi_k.size(0), dim=0)
             w = linear_attention_weights(phi_q, phi_k, key_padding_mask, causal=False, eps=self.options.eps)
             w = w.to(query.dtype).transpose(0, 1)  # [H, B, T, S], fairseq's head-weights layout
             weights = w if need_head_weights else w.mean(dim=0)
@@ -348,20 +387,36 @@ class LinearMultiheadAttention(nn.Module):
         return self.set_incremental_state(incremental_state, "attn_state", buffer)
 
     def reorder_incremental_state(self, incremental_state: IncrementalState, new_order: Tensor) -> IncrementalState:
-        """Beam search: reorder ``S`` and ``z`` along the batch dimension.
+        """Beam search: reorder the state along the batch dimension.
 
-        fairseq's generator calls this after every step, usually with the
-        identity order (greedy search, or beams that kept their order); that
-        case is skipped rather than copying every state tensor.
+        fairseq's generator calls this after every step. The identity order
+        (greedy search, beams that kept their order) copies nothing. A source
+        state kept once per sentence (beam search, see :meth:`set_beam_size`)
+        is not copied while the batch keeps its sentences: a beam reorder only
+        moves hypotheses within their sentence (the rule fairseq's beamable
+        encoder-decoder attention follows); when sentences finish it keeps one
+        row per remaining sentence. Any other state is reordered row by row.
         """
         buffer = self._get_input_buffer(incremental_state)
-        if buffer and _is_identity(new_order, buffer):
+        if not buffer:
             return incremental_state
-        if buffer:
-            for name, value in buffer.items():
-                if value is not None:
-                    buffer[name] = value.index_select(0, new_order)
-            self._set_input_buffer(incremental_state, buffer)
+        group = buffer["group"].size(1) if buffer.get("group") is not None else 1
+        if group > 1:
+            rows = buffer["group"].size(0)
+            if rows * group == new_order.numel():
+                return incremental_state
+            if new_order.numel() % group:
+                raise ValueError(
+                    f"cannot reorder a source state kept once per sentence for {group} hypotheses each into "
+                    f"{new_order.numel()} rows: the generator must keep its beam size (set_beam_size)"
+                )
+            new_order = new_order.view(-1, group)[:, 0] // group
+        elif _is_identity(new_order, buffer):
+            return incremental_state
+        for name, value in buffer.items():
+            if value is not None:
+                buffer[name] = value.index_select(0, new_order)
+        self._set_input_buffer(incremental_state, buffer)
         return incremental_state
 
     def upgrade_state_dict_named(self, state_dict: Dict[str, Tensor], name: str) -> None:

@@ -118,6 +118,28 @@ def linear_attention_readout(q: Tensor, state: LinearAttentionState, eps: float 
     return (num / den).to(q.dtype)
 
 
+def grouped_linear_attention_readout(q: Tensor, state: LinearAttentionState, eps: float = DEFAULT_EPS) -> Tensor:
+    """:func:`linear_attention_readout` where each state row serves ``G`` consecutive query rows.
+
+    ``q: [R*G, H, T, K]``, ``state.S: [R, H, K, D]`` -> ``[R*G, H, T, D]``. Beam search decodes ``G`` hypotheses
+    of one source sentence: they share one source summary, so the cross-attention keeps it once per sentence and
+    reads it once for all its hypotheses (one matmul over ``G*T`` query rows) instead of holding, copying and reading
+    ``G`` identical copies. Equal to the plain readout on ``state`` repeated ``G`` times along the batch.
+    """
+    rows, n = state.S.size(0), q.size(0)
+    if n == rows:
+        return linear_attention_readout(q, state, eps)
+    if rows == 0 or n % rows:
+        raise ValueError(f"{n} query rows cannot share {rows} state rows (need a whole number of queries per row)")
+    _, H, T, K = q.shape
+    g = n // rows
+    qf = q.float().view(rows, g, H, T, K).transpose(1, 2).reshape(rows, H, g * T, K)
+    num = torch.matmul(qf, state.S)
+    den = torch.matmul(qf, state.z.unsqueeze(-1)).clamp_min(eps)
+    out = (num / den).view(rows, H, g, T, -1).transpose(1, 2).reshape(n, H, T, -1)
+    return out.to(q.dtype)
+
+
 def noncausal_linear_attention(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None, eps: float = DEFAULT_EPS
 ) -> Tensor:
