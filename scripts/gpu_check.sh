@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Issue 32's GPU checks in one run, sized to finish in under 8 minutes on one H200 (so a rerun fits in 15 device
-# minutes). Prepare first, on a machine with network: bash scripts/gpu_pack.sh TEACHER.pt T2R.pt DATA_BIN
-# Then, on the GPU machine (the device tool: carry .whl and gpu-pack):
+# The GPU checks of the CUDA decode step and fla's kernel in one run, each stage time-limited (under 8 minutes in
+# all on one H200). They decide AUTO_DECODE_STEP["cuda"] and FLA_VERIFIED (docs/BENCHMARKS.md, "Decode paths").
+# On a GPU machine without network, prepare first on one with network: bash scripts/gpu_pack.sh TEACHER.pt T2R.pt
+# DATA_BIN, and copy .whl/ and gpu-pack/ into this checkout. Then, on the GPU machine:
 #
-#   bash scripts/gpu_check.sh       # writes everything under $GPU_CHECK_DIR (default runs/gpu-check); where $OUT is
-#                                   # set (the device tool), also $OUT/summary.md and $OUT/gpu-check.tar.gz
+#   bash scripts/gpu_check.sh       # writes everything under $GPU_CHECK_DIR (default runs/gpu-check); with
+#                                   # OUT=DIR also DIR/summary.md and DIR/gpu-check.tar.gz (one summary, one archive)
 #
 # 1. equivalence on CUDA: the captured / compiled decode step against the eager oracle (fp32 <= 1e-5, bf16
 #    bounded; beam reorder, finished hypotheses, two batches), and fla's chunk kernel against the naive oracle
@@ -67,8 +68,9 @@ fi
 for f in "$DIR"/machine.txt "$DIR"/bench-*/results.md "$DIR"/generate/generate_speed.md "$DIR"/tests.log; do
   [[ -f $f ]] && { echo "## $f"; cat "$f"; echo; }
 done > "$DIR/summary.md"
-if [[ -n ${OUT:-} && $OUT != "$DIR" ]]; then  # the device tool returns at most 8 files: a summary and one archive
-  cp "$DIR/summary.md" "$OUT/summary.md"
-  tar czf "$OUT/gpu-check.tar.gz" -C "$(dirname "$DIR")" "$(basename "$DIR")"
+COPY_TO=${OUT:-}  # OUT=DIR: one summary and one archive of everything, to copy off the machine
+if [[ -n $COPY_TO && $COPY_TO != "$DIR" ]]; then
+  cp "$DIR/summary.md" "$COPY_TO/summary.md"
+  tar czf "$COPY_TO/gpu-check.tar.gz" -C "$(dirname "$DIR")" "$(basename "$DIR")"
 fi
 say "done: $DIR"

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Prepare, on a machine with network, what scripts/gpu_check.sh needs on a bare GPU machine that has none:
 #   .whl/      the wheels its Python lacks (fairseq-fixed, hydra-core, omegaconf, antlr4, bitarray, fla), for
-#              GPU_PYTHON (default 3.12, what the lent H200 runs) on x86-64 Linux;
+#              GPU_PYTHON (default 3.12: set it to the GPU machine's Python) on x86-64 Linux;
 #   gpu-pack/  a softmax MT teacher and its T2R conversion (model weights only: optimizer state dropped) and the
 #              binarised data of their test and valid splits, for the end-to-end fairseq-generate rows.
 #
 #   bash scripts/gpu_pack.sh TEACHER.pt T2R.pt DATA_BIN     # e.g. recipes/accuracy_study.sh's MT teacher and row
 #
-# Both folders are ignored by git; carry them in the device run (.whl and gpu-pack, under 64 MiB together).
+# Both folders are ignored by git; copy them into the checkout on the GPU machine (under 64 MiB together).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ $# -ne 3 ]]; then

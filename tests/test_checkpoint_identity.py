@@ -1,4 +1,4 @@
-"""Nothing silently wrong when a checkpoint is loaded (issue 13, items 1 and 2).
+"""Nothing silently wrong when a checkpoint is loaded (docs/RELIABILITY.md, "Checkpoint identity and load errors").
 
 A checkpoint carries what its feature-map tensors mean (``feature_map.spec``) and
 which window its hybrid layers were trained for (``window_size``); a load that would

@@ -1,4 +1,4 @@
-"""The dataset check's cost is bounded whatever the split's size (issue 31, item 4).
+"""The dataset check's cost is bounded whatever the split's size.
 
 The check runs on every split fairseq loads, in every process, for any task once the plugin is imported. By default
 it reads the index's header and last entry and a bounded sample of the ``.bin`` (never the whole split, never the

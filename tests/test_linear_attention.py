@@ -183,7 +183,7 @@ def test_auto_backend_is_the_torch_path_without_fla_or_cuda() -> None:
 
 
 def test_auto_backend_never_calls_an_unverified_fla_even_where_it_could_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 31: fla's kernel is unverified here (on an H200 its first call had not returned after 95 s), so
+    """fla's kernel is unverified (on an H200 its first call had not returned after 95 s: docs/BENCHMARKS.md), so
     ``auto`` must be the torch path even where fla reports it can run; an explicit ``fla`` still calls it."""
     from t2r_fairseq.ops import fla_backend, linear_attention
 
@@ -196,7 +196,7 @@ def test_auto_backend_never_calls_an_unverified_fla_even_where_it_could_run(monk
     monkeypatch.setattr(fla_backend, "available", lambda device: True)
     monkeypatch.setattr(fla_backend, "fla_causal_linear_attention", recording_kernel)
     monkeypatch.setattr(linear_attention, "_fla_broken", None)
-    assert linear_attention.FLA_VERIFIED is False  # flip only after the GPU oracle tests of issue 32 pass
+    assert linear_attention.FLA_VERIFIED is False  # flip only after its CUDA oracle tests pass (scripts/gpu_check.sh)
     q, k, v = _features("t2r", 40)
     mask = _padding("left", 40)
     with warnings.catch_warnings():

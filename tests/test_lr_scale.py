@@ -1,6 +1,6 @@
 """``--feature-map-lr-scale s``: through fairseq's own Trainer, the feature maps' step is exactly ``s`` times the
 optimizer's and every other parameter's step is unchanged, for Adam, NAG, SGD and Adafactor, with and without
-``--clip-norm`` (issue 31, item 1: before, the maps moved 64x under NAG/SGD at s = 8)."""
+``--clip-norm`` (before, the maps moved 64x under NAG/SGD at s = 8: docs/REHEARSAL.md, "What to take from it")."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """A T2R checkpoint is not a teacher: loading it into a model with more linear attention than it was trained with
-stops with one SwapError line, unless --reset-feature-maps asks for fresh maps (issue 31, item 6).
+stops with one SwapError line, unless --reset-feature-maps asks for fresh maps.
 
 Before, a translation checkpoint trained with ``--softmax-cross-attention`` (no cross-attention feature maps) loaded
 into a model built without the flag got fresh, untrained cross-attention maps next to its finetuned weights, with

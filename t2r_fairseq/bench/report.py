@@ -28,8 +28,8 @@ def best_rows(rows: List[dict]) -> Dict[tuple, dict]:
 
 
 def best_path_ratios(decode: List[dict]) -> Dict[str, float]:
-    """Best path against best path (the issue's terms): T2R over the attention-free bound per step, and T2R's
-    tokens/s over softmax's, on the grid and at the memory budget (each side at its own largest batch)."""
+    """Best path against best path (docs/BENCHMARKS.md, "Decode paths"): T2R over the attention-free bound per step,
+    and T2R's tokens/s over softmax's, on the grid and at the memory budget (each side at its own largest batch)."""
     out: Dict[str, float] = {}
     best = best_rows(decode)
     for (task, model, batch, context, budget), r in sorted(best.items(), key=lambda kv: str(kv[0])):
@@ -74,7 +74,7 @@ def generation_ms(rows: List[dict], task: str, model: str, batch: int, tokens: i
 
 
 def summarise(decode: List[dict], train: List[dict], cfg) -> Dict[str, float]:  # noqa: ANN001 - argparse namespace
-    """The figures the issue's targets are stated in, keyed by a self-describing name."""
+    """The figures the speed targets are stated in (docs/BENCHMARKS.md, "Targets"), keyed by a self-describing name."""
     out: Dict[str, float] = {}
     lo, hi = min(cfg.contexts), max(cfg.contexts)
     mid = max([c for c in cfg.contexts if c <= 4096] or [hi])  # the targets' "context 4096" where measured

@@ -90,7 +90,7 @@ class T2RConfig(FairseqDataclass):
             "attention's q/k/v projections and feature maps, as the authors' code offers)"
         },
     )
-    # -- hybrid sliding-window attention (issue 11) --
+    # -- hybrid sliding-window attention (docs/OPTIONS.md, "Hybrid sliding-window attention") --
     sliding_window: int = field(
         default=0,
         metadata={
