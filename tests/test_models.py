@@ -305,8 +305,8 @@ def test_linear_kernel_flag_reaches_every_causal_layer(tmp_path, kernel):
 
 
 def test_generation_updates_state_in_place_and_skips_identity_reorders(tmp_path):
-    """Generation owns its (S, z): steps add into them and an identity reorder (greedy search) copies nothing;
-    a real reorder still permutes (the beam-search test checks the values)."""
+    """Generation owns its (S, z): steps add into them, an identity reorder (greedy search) copies nothing, and
+    a beam reorder moves only the rows that change, in place (the beam-search tests check the hypotheses)."""
     _, task, model = build_lm(tmp_path)
     tokens = random_tokens(task.dictionary, 3, 5)
     state: dict = {}
@@ -317,9 +317,17 @@ def test_generation_updates_state_in_place_and_skips_identity_reorders(tmp_path)
         model.decoder(tokens[:, :3], incremental_state=state)
     for key, buf in state.items():
         assert buf["S"] is before[key]["S"] and buf["z"] is before[key]["z"]
+    values = {k: {n: t.clone() for n, t in v.items()} for k, v in state.items()}
+    order = torch.tensor([1, 1, 2])  # row 0 takes row 1's state; rows 1 and 2 stay
     with torch.no_grad():
-        model.decoder.reorder_incremental_state_scripting(state, torch.tensor([2, 0, 1]))
-    assert all(buf["S"] is not before[key]["S"] for key, buf in state.items())
+        model.decoder.reorder_incremental_state_scripting(state, order)
+    for key, buf in state.items():
+        assert buf["S"] is before[key]["S"] and buf["z"] is before[key]["z"]
+        for name, t in buf.items():
+            torch.testing.assert_close(t, values[key][name].index_select(0, order), rtol=0, atol=0)
+    with torch.no_grad():  # a batch that shrinks gets new tensors
+        model.decoder.reorder_incremental_state_scripting(state, torch.tensor([2, 0]))
+    assert all(buf["S"].size(0) == 2 and buf["S"] is not before[key]["S"] for key, buf in state.items())
     # With autograd on (e.g. training through an incremental decode) nothing is updated in place.
     grad_state: dict = {}
     model.decoder(tokens[:, :2], incremental_state=grad_state)

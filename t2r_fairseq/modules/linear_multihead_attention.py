@@ -73,6 +73,24 @@ def _is_identity(order: Tensor, buffer: Dict[str, Optional[Tensor]]) -> bool:
     return size is not None and is_identity_order(order, size)
 
 
+def _move_rows_in_place(buffer: Dict[str, Optional[Tensor]], new_order: Tensor) -> bool:
+    """Reorder the buffer's tensors in place by copying only the rows that move; False if the batch size changes.
+
+    A beam step keeps many hypotheses where they are (a beam that stays best continues in its own row); copying
+    only the others reads and writes a fraction of the recurrent state instead of all of it, with the same result
+    as ``index_select`` (the moved rows are gathered before any is overwritten).
+    """
+    tensors = [t for t in buffer.values() if t is not None]
+    if not tensors or any(t.size(0) != new_order.numel() for t in tensors):
+        return False
+    moved = (new_order != torch.arange(new_order.numel(), device=new_order.device)).nonzero().squeeze(1)
+    if moved.numel():
+        sources = new_order.index_select(0, moved)
+        for t in tensors:
+            t.index_copy_(0, moved, t.index_select(0, sources))
+    return True
+
+
 @with_incremental_state
 class LinearMultiheadAttention(nn.Module):
     """Multi-head attention with ``softmax(q k^T) v`` replaced by ``phi(q) phi(k)^T v`` (normalised).
@@ -180,12 +198,15 @@ class LinearMultiheadAttention(nn.Module):
             out += [phi(self._heads(parts[1]), False), self._heads(parts[2])]
         return out
 
+    def _owns_state(self) -> bool:
+        """Eval mode without autograd (and the fast path on): nothing saved the state for a backward pass, so
+        generation may change it in place."""
+        return self.fast_generation and not self.training and not torch.is_grad_enabled()
+
     def _generating(self, incremental_state: Optional[IncrementalState]) -> bool:
         """Generation: incremental, eval mode, no autograd. Only there may the projection use cached fused
         weights (nothing differentiates through them) and the state be updated in place (nothing saved it)."""
-        return (
-            self.fast_generation and incremental_state is not None and not self.training and not torch.is_grad_enabled()
-        )
+        return incremental_state is not None and self._owns_state()
 
     # -- the attention-source protocol (calibration, attention transfer, attention_gap) -----------
 
@@ -412,6 +433,8 @@ class LinearMultiheadAttention(nn.Module):
                 )
             new_order = new_order.view(-1, group)[:, 0] // group
         elif _is_identity(new_order, buffer):
+            return incremental_state
+        elif self._owns_state() and _move_rows_in_place(buffer, new_order):
             return incremental_state
         for name, value in buffer.items():
             if value is not None:

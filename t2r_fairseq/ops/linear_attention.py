@@ -319,6 +319,10 @@ def linear_attention_step(
     whole ``S`` every step and layer, the largest cost of a step above the
     projections. Only for callers that own the state and need no autograd
     (generation); the returned state is then ``state`` itself.
+
+    The rank-one update is a broadcast ``addcmul`` (one pass over ``S``), not a
+    batched matmul with an inner dimension of 1: on CPU the latter ran 2-2.5x
+    slower at 128-512 hypotheses (4 heads, 32 x 32 state per head).
     """
     kf = k.float()
     if key_padding_mask is not None:
@@ -330,12 +334,10 @@ def linear_attention_step(
         z = kf.contiguous()
     elif inplace and state.S.is_contiguous() and state.z.is_contiguous():
         S, z = state.S, state.z
-        S.view(-1, *S.shape[-2:]).baddbmm_(kf.flatten(0, 1).unsqueeze(-1), vf.flatten(0, 1).unsqueeze(-2))
+        S.addcmul_(kf.unsqueeze(-1), vf.unsqueeze(-2))
         z.add_(kf)
     else:
-        S = torch.baddbmm(
-            state.S.flatten(0, 1), kf.flatten(0, 1).unsqueeze(-1), vf.flatten(0, 1).unsqueeze(-2)
-        ).view_as(state.S)
+        S = torch.addcmul(state.S, kf.unsqueeze(-1), vf.unsqueeze(-2))
         z = state.z + kf
     new_state = LinearAttentionState(S, z)
     out = linear_attention_readout(q.unsqueeze(2), new_state, eps).squeeze(2)
