@@ -129,11 +129,10 @@ def test_loss_decreases_when_training_the_feature_map(feature_map, loss):
     x = torch.randn(16, 4, C)
     call = {"query": x, "key": x, "value": x, "key_padding_mask": _pad_mask([16, 16, 12, 9], 16)}
     crit = _criterion(loss)
-    crit._query_mask = ~call["key_padding_mask"]
     opt = torch.optim.Adam(student.feature_map.parameters(), lr=2e-2)
     losses = []
     for _ in range(30):
-        value = crit.layer_loss(student, teacher, call)
+        value = crit.layer_loss(student, teacher, call, query_mask=~call["key_padding_mask"])
         opt.zero_grad()
         value.backward()
         opt.step()
@@ -229,3 +228,75 @@ def test_t2r_checkpoint_as_teacher_is_refused(work, tmp_path):
     assert proc.returncode != 0
     assert re.search(r"TeacherLoadError: teacher checkpoint .*t2r\.pt is a T2R checkpoint", proc.stderr), proc.stderr[-2000:]
     assert not list(save.glob("*.pt"))
+
+
+# -- the schedule reads fairseq's update count on every model the criterion accepts (top-k too) ----------------
+
+
+@pytest.fixture
+def trainer_metrics():
+    """fairseq's metrics as fairseq-train starts them (``metrics.reset()``), and reset again afterwards: the trainer
+    publishes its update count there, and no later test in this process should read this one's."""
+    from fairseq.logging import metrics
+
+    metrics.reset()
+    yield
+    metrics.reset()
+
+
+def _topk_trainer(tmp_path, *criterion_args: str):
+    """A tiny top-k LM (whose modules keep no update count), the criterion and fairseq's own Trainer over them."""
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.trainer import Trainer
+    from helpers import build_lm
+
+    args, task, model = build_lm(tmp_path, arch="topk_transformer_lm", extra=[
+        "--topk-k", "2", "--optimizer", "adam", "--lr", "1e-3", "--criterion", "t2r_attention_transfer",
+        "--transfer-teacher-projections", "student", *criterion_args])
+    cfg = convert_namespace_to_omegaconf(args)
+    criterion = task.build_criterion(cfg.criterion)
+    assert not any(hasattr(m, "num_updates") for m in model.modules())  # nothing in the model keeps the count
+    return task, model, criterion, Trainer(cfg, task, model, criterion)
+
+
+def _lm_sample(task, batch: int = 2, length: int = 9) -> dict:
+    from helpers import random_tokens
+
+    tokens = random_tokens(task.dictionary, batch, length + 1)
+    return {"id": torch.arange(batch), "nsentences": batch, "ntokens": batch * length,
+            "net_input": {"src_tokens": tokens[:, :-1].contiguous(), "src_lengths": torch.full((batch,), length)},
+            "target": tokens[:, 1:].contiguous()}
+
+
+def test_transfer_only_stage_ends_on_a_topk_model(tmp_path, trainer_metrics):
+    """``--transfer-only-updates 2`` on a top-k model: updates 0 and 1 are the transfer-only stage, update 2 on
+    train on task + w * transfer. Driven as fairseq drives it: ``Trainer.set_num_updates`` (after every update and
+    on resume), then ``FairseqTask.train_step``'s ``model.set_num_updates(n)`` and ``criterion(model, sample)``.
+    The schedule read the count only from the T2R decoder, which top-k models lack: the stage never ended
+    (stages [True, True, True, True], the loss the transfer loss alone and without gradient, for good)."""
+    task, model, criterion, trainer = _topk_trainer(tmp_path, "--transfer-only-updates", "2",
+                                                    "--transfer-weight", "0.5")
+    sample = _lm_sample(task)
+    stages = []
+    for n in range(4):
+        trainer.set_num_updates(n)
+        model.train()
+        model.set_num_updates(n)
+        loss, _, log = criterion(model, sample)
+        stages.append(torch.equal(log["loss"], log["transfer"]))  # the transfer-only stage's loss is transfer alone
+    assert stages == [True, True, False, False]
+    assert loss.requires_grad and log["loss"] > log["nll_loss"]  # task + 0.5 * transfer, trained
+
+
+def test_transfer_weight_anneal_ends_on_a_topk_model_in_fairseqs_training_loop(tmp_path, trainer_metrics):
+    """The same count in fairseq's own training loop (``Trainer.train_step``: forward, backward, Adam step): w
+    anneals 1 -> 0 over 2 updates, after which training skips the transfer computation (no ``transfer`` logged).
+    Before, w stayed at 1 on a top-k model."""
+    task, _, _, trainer = _topk_trainer(tmp_path, "--transfer-weight", "1", "--transfer-weight-end", "0",
+                                        "--transfer-anneal-updates", "2")
+    sample = _lm_sample(task)
+    logged = []
+    for _ in range(4):
+        logged.append("transfer" in trainer.train_step([sample]))
+    assert trainer.get_num_updates() == 4
+    assert logged == [True, True, False, False]

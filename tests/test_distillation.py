@@ -104,7 +104,7 @@ def test_distillation_teacher_must_fit_the_task(work, tmp_path):
         load_teacher_model(str(work / "mt-teacher" / "checkpoint_last.pt"), lm_task)
 
 
-# -- memory over large vocabularies: chunked losses, adaptive softmax (issue 31, item 5) -----------------------
+# -- memory over large vocabularies (docs/REHEARSAL.md): chunked losses, adaptive softmax -------------------------
 
 ADAPTIVE = ["--adaptive-softmax-cutoff", "8,16", "--feature-size", "8", "--dropout", "0"]
 
@@ -134,7 +134,7 @@ def _lm_sample(task, batch: int = 2, length: int = 11):
 def _criterion(task, teacher, distill_weight: float, chunk_positions: int, label_smoothing: float = 0.1):
     crit = AttentionTransferCriterion(task, False, label_smoothing, transfer_weight=0.0, distill_weight=distill_weight,
                                       transfer_teacher_projections="student")
-    crit._whole_teacher.append(teacher)  # the teacher load_teacher_model would build (tested above), in-process
+    crit.teachers.use_model(teacher)  # the teacher load_teacher_model would build (tested above), in-process
     crit.loss_chunk_elements = chunk_positions * len(task.target_dictionary)
     return crit
 
@@ -203,7 +203,7 @@ def test_distillation_never_keeps_a_whole_batch_of_vocabulary_log_probabilities(
     """Peak memory: no [positions, V] log-probability tensor larger than one chunk is computed (forward) or saved for
     the backward pass, for the model or the teacher; before, both whole-batch log-probabilities were (a plain
     softmax model's own logits, its output, stay what they are)."""
-    import t2r_fairseq.criterions.attention_transfer as at
+    import t2r_fairseq.criterions.task_loss as at  # where the criterion's chunked losses look it up
 
     task, student, teacher = _adaptive_pair(tmp_path, adaptive)
     student.train()

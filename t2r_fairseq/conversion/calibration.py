@@ -37,7 +37,6 @@ measured and reported. Used by ``python -m t2r_fairseq.tools.convert``.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -47,13 +46,13 @@ import torch
 from torch import Tensor, nn
 
 from t2r_fairseq.modules.attention_source import LayerAttention
+from t2r_fairseq.modules.call_inputs import on_call
 from t2r_fairseq.modules.linear_multihead_attention import LinearMultiheadAttention
 from t2r_fairseq.modules.softmax_teacher import SoftmaxAttentionTeacher, teacher_forward
 from t2r_fairseq.ops.attention_transfer import attention_entropy, attention_kl
 from t2r_fairseq.conversion.swap import NEW_TENSOR_PATTERN
 
 logger = logging.getLogger(__name__)
-_SIGNATURE = inspect.signature(LinearMultiheadAttention.forward)
 
 
 @dataclass
@@ -122,8 +121,7 @@ def capture_layer_inputs(
     captured: List[LayerInputs] = []
     current: Dict[str, Optional[Tensor]] = {"qmask": None}
 
-    def hook(module: LinearMultiheadAttention, args: tuple, kwargs: dict, output: Any) -> None:
-        call = _SIGNATURE.bind(module, *args, **kwargs).arguments
+    def capture(module: LinearMultiheadAttention, call: Dict[str, Any]) -> None:
         query = call["query"]
         key = query if call.get("key") is None else call["key"]
         kpm = call.get("key_padding_mask")
@@ -139,7 +137,7 @@ def capture_layer_inputs(
     was_training = model.training
     model.eval()
     with teacher_forward([m for _, m in swapped_attentions(model)]), torch.no_grad():
-        handle = module.register_forward_hook(hook, with_kwargs=True)
+        handle = on_call(module, capture)
         try:
             for net_input, qmask in zip(batches, query_masks):
                 current["qmask"] = qmask
