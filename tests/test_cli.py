@@ -226,3 +226,31 @@ def test_decode_step_override_generates_what_eager_generates(work, mt_t2r, lm_t2
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SAME True" in proc.stdout, proc.stdout
+
+
+def test_generate_speed_and_long_sources(work, mt_t2r, tmp_path):
+    """The generation benchmark times teacher and T2R in one run (rows, ratios against the first model, the
+    attention-free bound), and concat_sources' joined split is read by the same models."""
+    long_bin = tmp_path / "bin-long"
+    made = run(sys.executable, "-m", "t2r_fairseq.tools.concat_sources", work / "bin-mt", long_bin,
+               "--src", "src", "--tgt", "tgt", "--join", "4")
+    assert "15 sentences of 4 joined pairs" in made.stdout  # 60 test sentences
+    from fairseq.data import Dictionary, data_utils
+
+    d = Dictionary.load(str(work / "bin-mt" / "dict.src.txt"))
+    short = data_utils.load_indexed_dataset(str(work / "bin-mt" / "test.src-tgt.src"), d)
+    joined = data_utils.load_indexed_dataset(str(long_bin / "test.src-tgt.src"), d)
+    want = [t for i in range(4) for t in short[i][:-1].tolist()] + [d.eos()]
+    assert joined[0].tolist() == want  # one EOS, at the end
+
+    out = tmp_path / "speed.md"
+    for data in (work / "bin-mt", long_bin):
+        proc = run(sys.executable, "-m", "t2r_fairseq.tools.generate_speed", data,
+                   f"teacher={work / 'mt-teacher' / 'checkpoint_last.pt'}", f"t2r={work / 'mt-t2r' / 'checkpoint_last.pt'}",
+                   "--batch-size", "8", "--max-batches", "2", "--reps", "1", "--bound", "--beam", "3",
+                   "--min-len", "6", "--max-len-b", "6", "--out", out)
+        rows = {l.split("|")[1].strip(): l for l in out.read_text().splitlines() if l.startswith("| t")}
+        assert set(rows) == {"teacher", "t2r"} and "| 1.00x |" in rows["teacher"]
+        # forced lengths: every best hypothesis is 6 tokens plus EOS, for both models
+        assert all(row.split("|")[5].strip() == "7.0" for row in rows.values()), rows
+        assert proc.stdout.strip().startswith("| model |")
