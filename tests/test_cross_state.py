@@ -19,7 +19,11 @@ from t2r_fairseq.modules.linear_multihead_attention import LinearMultiheadAttent
 from t2r_fairseq.ops.linear_attention import (
     LinearAttentionState,
     grouped_linear_attention_readout,
+    keys_linear_attention_readout,
     linear_attention_readout,
+    linear_attention_state,
+    masked_keys,
+    source_readout_cost,
 )
 
 
@@ -37,6 +41,20 @@ def test_grouped_readout_equals_readout_of_the_repeated_state():
         grouped_linear_attention_readout(q[:5], state)
 
 
+def test_keys_readout_equals_the_summary_readout():
+    """Reading phi(k) and v directly is the summary's function associated the other way: padded keys count for
+    nothing, each state row serves its group of queries."""
+    g = torch.Generator().manual_seed(1)
+    rows, group, H, T, L, K, D = 3, 2, 2, 1, 6, 8, 4
+    q = torch.rand(rows * group, H, T, K, generator=g)
+    k, v = torch.rand(rows, H, L, K, generator=g), torch.randn(rows, H, L, D, generator=g)
+    mask = torch.zeros(rows, L, dtype=torch.bool)
+    mask[1, :2] = True  # left padding
+    want = grouped_linear_attention_readout(q, linear_attention_state(k, v, mask))
+    torch.testing.assert_close(keys_linear_attention_readout(q, masked_keys(k, mask), v), want, rtol=1e-6, atol=1e-6)
+    assert source_readout_cost(15, 128, 64) == (128 * 65, 15 * 192)  # short source: the keys are cheaper
+
+
 def _cross_attentions(model):
     return [m for m in model.decoder.modules() if isinstance(m, LinearMultiheadAttention) and m.encoder_decoder_attention]
 
@@ -49,9 +67,9 @@ def _per_hypothesis_copy(model):
     return other
 
 
-def _sample(t, batch=6):
+def _sample(t, batch=6, length=9):
     d = t.source_dictionary
-    src = random_tokens(d, batch, 9, seed=5)
+    src = random_tokens(d, batch, length, seed=5)
     src[1, :3] = d.pad()  # left padding, as fairseq batches sources
     src[4, :1] = d.pad()
     src[:, -1] = d.eos()
@@ -97,9 +115,9 @@ def test_beam_search_keeps_one_source_state_per_sentence(mt):
         original = m.reorder_incremental_state
 
         def recording(state, order, m=m, original=original):
-            rows_before = m._get_input_buffer(state)["S"].size(0)
+            rows_before = m._get_input_buffer(state)["group"].size(0)
             out = original(state, order)
-            seen.append((rows_before, m._get_input_buffer(state)["S"].size(0), order.numel()))
+            seen.append((rows_before, m._get_input_buffer(state)["group"].size(0), order.numel()))
             return out
 
         m.reorder_incremental_state = recording
@@ -107,6 +125,34 @@ def test_beam_search_keeps_one_source_state_per_sentence(mt):
     _assert_same(want, got)
     assert seen and all(after * 4 == hyps for _, after, hyps in seen)
     assert any(before != after for before, after, _ in seen), "no sentence finished mid-batch"
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+@torch.no_grad()
+def test_source_kept_as_keys_generates_what_the_summary_generates(mt, beam):
+    """A short source is cached as phi(k) and v (cheaper to read); hypotheses and scores equal the summary's."""
+    t, model = mt
+    summary = copy.deepcopy(model)
+    for m in _cross_attentions(summary):
+        m.source_form = "summary"
+    sample = _sample(t, length=6)  # shorter than K (D + 1) / (K + D) = 8.5 with the tiny model's K = 128, D = 8
+    kw = dict(beam_size=beam, max_len_b=12, min_len=2)
+    want = _generate(summary, t, sample, **kw)
+    original = LinearMultiheadAttention._encode_source
+    kept = []
+
+    def recording(self, *args, **kwargs):
+        buffer = original(self, *args, **kwargs)
+        kept.append(sorted(k for k in buffer if k != "group"))
+        return buffer
+
+    LinearMultiheadAttention._encode_source = recording
+    try:
+        got = _generate(model, t, sample, **kw)
+    finally:
+        LinearMultiheadAttention._encode_source = original
+    assert kept and all(k == ["phi_k", "v"] for k in kept), kept  # 6-token sources: the keys are cheaper
+    _assert_same(want, got)
 
 
 @torch.no_grad()
@@ -122,13 +168,14 @@ def test_greedy_after_beam_search_on_the_same_model(mt):
     _assert_same(_generate(oracle, t, sample, **kw), _generate(model, t, sample, **kw))
 
 
+@pytest.mark.parametrize("length", [6, 9])  # the source kept as keys, and as its summary
 @torch.no_grad()
-def test_alignments_with_one_source_state_per_sentence(mt):
+def test_alignments_with_one_source_state_per_sentence(mt, length):
     """--print-alignment: each hypothesis' weights over its own source, equal to the per-hypothesis oracle's."""
     t, model = mt
     for layer in model.decoder.layers:  # what make_generation_fast_(need_attn=True) sets for --print-alignment
         layer.need_attn = True
-    sample = _sample(t)
+    sample = _sample(t, length=length)
     kw = dict(beam_size=3, max_len_b=10, min_len=2)
     want = _generate(_per_hypothesis_copy(model), t, sample, **kw)
     got = _generate(model, t, sample, **kw)

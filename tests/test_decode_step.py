@@ -22,6 +22,9 @@ from t2r_fairseq.modules.decode_step import AUTO_DECODE_STEP, StaticDecodeRunner
 def _pair(model, mode: str):
     """The model with the eager step and a deep copy with ``mode`` (same weights)."""
     model.make_generation_fast_()  # as fairseq-generate, -interactive and the hub API prepare a model
+    for module in model.decoder.modules():  # the runner's source layout, so that the states compare name by name
+        if getattr(module, "encoder_decoder_attention", False):
+            module.source_form = "summary"
     other = copy.deepcopy(model)
     other.decoder.set_decode_step(mode)
     model.decoder.set_decode_step("eager")

@@ -230,6 +230,9 @@ class StaticDecodeRunner:
         self._fused_ids: List[tuple] = []
         self._fused: List[Any] = []  # keeps the fused weights a captured graph reads alive
         self._keys = [m._get_full_incremental_state_key("attn_state") for m in stateful_attentions(decoder)]
+        for module in stateful_attentions(decoder):
+            if getattr(module, "encoder_decoder_attention", False):
+                module.source_form = "summary"  # static buffers need the constant-size source state, not phi(k)
         if mode.endswith("graph") and not self.capture:
             logger.info("decode step %s: CUDA graphs need a CUDA device; the static step runs uncaptured on %s",
                         mode, self.device)

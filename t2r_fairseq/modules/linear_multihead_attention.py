@@ -39,10 +39,13 @@ from t2r_fairseq.ops.linear_attention import (
     LinearAttentionState,
     causal_linear_attention,
     grouped_linear_attention_readout,
+    keys_linear_attention_readout,
     linear_attention_readout,
     linear_attention_state,
     linear_attention_step,
     linear_attention_weights,
+    masked_keys,
+    source_readout_cost,
 )
 
 IncrementalState = Dict[str, Dict[str, Optional[Tensor]]]
@@ -150,6 +153,10 @@ class LinearMultiheadAttention(nn.Module):
         # Hypotheses per source sentence in beam search (fairseq's generator calls set_beam_size): encoder-decoder
         # attention then keeps the source state once per sentence, not once per hypothesis.
         self.beam_size = 1
+        # Encoder-decoder attention at generation: "auto" keeps the source as its summary (S, z) or as phi(k) and v,
+        # whichever is cheaper to read at each step for this batch's source length (the same function either way);
+        # "summary" always keeps (S, z), the constant-size form the static decode step needs.
+        self.source_form = "auto"
         # False: generation takes the training-time path (separate q/k/v and feature-map matmuls, out-of-place
         # state update); the benchmark's --compare-unfused times both in one run.
         self.fast_generation = True
@@ -353,27 +360,22 @@ class LinearMultiheadAttention(nn.Module):
         need_weights: bool,
         need_head_weights: bool,
     ) -> Tuple[Tensor, Optional[Tensor]]:
-        """Read out a source summary that is built once per source (sentence, in beam search) and cached."""
+        """Read out a source that is encoded once per source (sentence, in beam search) and cached.
+
+        The cache is the summary ``(S, z)`` or, where the source is short enough for that to be cheaper to
+        read, ``phi(k)`` and ``v`` themselves (:func:`~t2r_fairseq.ops.linear_attention.source_readout_cost`).
+        """
         buffer = self._get_input_buffer(incremental_state) if incremental_state is not None else {}
         phi_q = self._fused_inputs(query, "q")[0] if self._generating(incremental_state) else self._phi_q(query)
-        phi_k: Optional[Tensor] = None
-        if "S" in buffer:
-            state = LinearAttentionState(buffer["S"], buffer["z"])
-        else:
+        if "S" not in buffer and "v" not in buffer:
             if key is None:
                 raise ValueError("encoder-decoder attention needs the encoder output as key on its first call")
-            source, source_mask, group = key, key_padding_mask, 1
-            if incremental_state is not None:
-                source, source_mask, group = self._sentence_rows(key, key_padding_mask)
-            phi_k = self._phi_k(source)
-            state = linear_attention_state(phi_k, self._heads(self.v_proj(source)), source_mask)
-            if incremental_state is not None:
-                buffer = {"S": state.S, "z": state.z}
-                if group > 1:
-                    buffer["group"] = state.z.new_empty((state.z.size(0), group), dtype=torch.bool)
-                self._set_input_buffer(incremental_state, buffer)
-        out = grouped_linear_attention_readout(phi_q, state, self.options.eps).to(query.dtype)
-        out = self.out_proj(self._merge(out))
+            buffer = self._encode_source(key, key_padding_mask, incremental_state, keep_keys=need_weights)
+        if "S" in buffer:
+            out = grouped_linear_attention_readout(phi_q, LinearAttentionState(buffer["S"], buffer["z"]), self.options.eps)
+        else:
+            out = keys_linear_attention_readout(phi_q, buffer["phi_k"], buffer["v"], self.options.eps)
+        out = self.out_proj(self._merge(out.to(query.dtype)))
 
         weights: Optional[Tensor] = None
         if need_weights:
@@ -381,20 +383,50 @@ class LinearMultiheadAttention(nn.Module):
             # O(T x S) like softmax attention; only computed when fairseq asks (eval
             # mode with need_attn, --print-alignment). phi(k) is then cached too, so
             # the source is still projected once per sentence.
-            if phi_k is None:
-                phi_k = buffer.get("phi_k")
+            phi_k = buffer.get("phi_k")
             if phi_k is None:
                 if key is None:
                     raise ValueError("attention weights were requested but no encoder output was given")
-                phi_k = self._phi_k(key[:, :: query.size(1) // state.S.size(0)])
-            if incremental_state is not None and "phi_k" not in buffer:
-                self._set_input_buffer(incremental_state, {**buffer, "phi_k": phi_k})
+                rows = next(t.size(0) for t in buffer.values() if t is not None)
+                phi_k = self._phi_k(key[:, :: query.size(1) // rows])
+                buffer = {**buffer, "phi_k": phi_k}
+                if incremental_state is not None:
+                    self._set_input_buffer(incremental_state, buffer)
             if phi_k.size(0) != phi_q.size(0):  # one row per sentence: each hypothesis attends over its own
                 phi_k = phi_k.repeat_interleave(phi_q.size(0) // phi_k.size(0), dim=0)
             w = linear_attention_weights(phi_q, phi_k, key_padding_mask, causal=False, eps=self.options.eps)
             w = w.to(query.dtype).transpose(0, 1)  # [H, B, T, S], fairseq's head-weights layout
             weights = w if need_head_weights else w.mean(dim=0)
         return out, weights
+
+    def _encode_source(
+        self, key: Tensor, key_padding_mask: Optional[Tensor], incremental_state: Optional[IncrementalState],
+        keep_keys: bool = False,
+    ) -> Dict[str, Optional[Tensor]]:
+        """The source cache of a first call: the summary ``{S, z}`` or the keys ``{phi_k, v}`` (see
+        :attr:`source_form`), plus ``group`` when each row serves a sentence's beam of hypotheses; stored in
+        ``incremental_state`` when there is one (a whole-sequence call keeps nothing and always summarises).
+        ``keep_keys`` (alignments asked for) keeps ``phi_k`` beside a summary too, so the source is projected once."""
+        source, source_mask, group = key, key_padding_mask, 1
+        if incremental_state is not None:
+            source, source_mask, group = self._sentence_rows(key, key_padding_mask)
+        phi_k = self._phi_k(source)
+        v = self._heads(self.v_proj(source))
+        summary_cost, keys_cost = source_readout_cost(source.size(0), phi_k.size(-1), v.size(-1))
+        buffer: Dict[str, Optional[Tensor]]
+        if incremental_state is not None and self.source_form == "auto" and keys_cost < summary_cost:
+            buffer = {"phi_k": masked_keys(phi_k, source_mask), "v": v.float()}
+        else:
+            state = linear_attention_state(phi_k, v, source_mask)
+            buffer = {"S": state.S, "z": state.z}
+            if keep_keys:
+                buffer["phi_k"] = masked_keys(phi_k, source_mask)
+        if group > 1:
+            rows = next(t.size(0) for t in buffer.values() if t is not None)
+            buffer["group"] = phi_k.new_empty((rows, group), dtype=torch.bool)
+        if incremental_state is not None:
+            self._set_input_buffer(incremental_state, buffer)
+        return buffer
 
     # -- incremental state ----------------------------------------------------
 

@@ -33,7 +33,7 @@ still count them in the normaliser.
 from __future__ import annotations
 
 import warnings
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -83,6 +83,11 @@ def _mask_keys(k: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
             f"(batch, key_len) = {(k.size(0), k.size(2))}"
         )
     return k.masked_fill(key_padding_mask[:, None, :, None].to(torch.bool), 0.0)
+
+
+def masked_keys(k: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
+    """``k`` in fp32 with padded keys zeroed: what :func:`keys_linear_attention_readout` reads."""
+    return _mask_keys(k.float(), key_padding_mask)
 
 
 def _empty_state(q: Tensor, v: Tensor) -> LinearAttentionState:
@@ -137,6 +142,36 @@ def grouped_linear_attention_readout(q: Tensor, state: LinearAttentionState, eps
     num = torch.matmul(qf, state.S)
     den = torch.matmul(qf, state.z.unsqueeze(-1)).clamp_min(eps)
     out = (num / den).view(rows, H, g, T, -1).transpose(1, 2).reshape(n, H, T, -1)
+    return out.to(q.dtype)
+
+
+def source_readout_cost(source_len: int, feature_dim: int, value_dim: int) -> Tuple[int, int]:
+    """Values read per query and head: ``(summary (S, z), the keys themselves)``.
+
+    The summary is ``K x (D + 1)`` whatever the source length; reading ``phi(k)`` and ``v`` directly is
+    ``L x (K + D)``. For a sentence-level source (Multi30k: ~15 tokens, K = 128 features, D = 32..64) the keys are
+    the smaller of the two, 2-3x at transformer-base size; beyond ``L = K (D + 1) / (K + D)`` the summary is.
+    """
+    return feature_dim * (value_dim + 1), source_len * (feature_dim + value_dim)
+
+
+def keys_linear_attention_readout(q: Tensor, k: Tensor, v: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
+    """:func:`grouped_linear_attention_readout` computed from the keys instead of their summary.
+
+    ``q: [R*G, H, T, K]``, ``k: [R, H, L, K]`` (padded keys already zeroed), ``v: [R, H, L, D]`` ->
+    ``[R*G, H, T, D]``: ``out = (phi(q) phi(k)^T) v / max(sum_j phi(q) phi(k_j), eps)``, the same function as the
+    summary's readout (``S = phi(k)^T v``, ``z = sum_j phi(k_j)``), associated the other way, so that its cost
+    follows the source length (:func:`source_readout_cost`).
+    """
+    rows, n = k.size(0), q.size(0)
+    if rows == 0 or n % rows:
+        raise ValueError(f"{n} query rows cannot share {rows} key rows (need a whole number of queries per row)")
+    _, H, T, K = q.shape
+    g = n // rows
+    qf = q.float().view(rows, g, H, T, K).transpose(1, 2).reshape(rows, H, g * T, K)
+    scores = torch.matmul(qf, k.float().transpose(-1, -2))
+    den = scores.sum(dim=-1, keepdim=True).clamp_min(eps)
+    out = (torch.matmul(scores, v.float()) / den).view(rows, H, g, T, -1).transpose(1, 2).reshape(n, H, T, -1)
     return out.to(q.dtype)
 
 
