@@ -3,8 +3,12 @@
 # Sourced, not run. What it gives every recipe, so that they behave the same way:
 #
 #   * one work dir ($WORK, --out) holding everything: raw/, data/, data-bin/, teacher/, checkpoints/, logs/, eval/;
-#   * stages (--stages prep,teacher,finetune,eval); a stage is skipped when its marker $WORK/.done/<stage>
-#     exists; --force deletes the marker and that stage's outputs and redoes it;
+#   * stages (--stages prep,teacher,calibrate,finetune,eval); a stage is skipped when its marker
+#     $WORK/.done/<stage> exists; --force deletes the marker and that stage's outputs and redoes it;
+#   * the swap (SWAP): calibrated (default, the README's recommended recipe: stage calibrate runs
+#     t2r_fairseq.tools.convert on the teacher, finetune starts from its checkpoint with the t2r_qk map and
+#     --feature-map-lr-scale 8) or plain (the paper's: no calibration, finetune swaps the teacher itself with the
+#     tied t2r map and one learning rate);
 #   * resumable training: fairseq's own checkpoint_last.pt in the same save dir. An interrupted stage has no
 #     marker, so re-running it re-issues the same fairseq-hydra-train command and fairseq continues from
 #     checkpoint_last.pt (it only falls back to --finetune-from-model when no checkpoint_last.pt exists);
@@ -22,6 +26,9 @@
 #   UPDATE_FREQ   gradient accumulation; default: the config's value scaled so that world size x update_freq
 #                 equals the config's reference (REF_WORLD GPUs), i.e. the same effective batch on any GPU count
 #   TRAIN_OVERRIDES, TEACHER_OVERRIDES, FINETUNE_OVERRIDES   extra hydra overrides (space separated)
+#   SWAP          calibrated (default) | plain    CALIBRATE_STEPS (300) Adam steps per layer (0: the swap alone)
+#   CALIBRATE_ARGS   extra tools.convert options (space separated), e.g. "--calibrate-batches 8 --max-tokens 2048"
+#   CALIBRATE_WAIT   seconds a node other than node 0 waits for node 0's calibrated checkpoint (3600)
 #   FAIRSEQ_BIN   directory of the fairseq console scripts (default: .venv/bin if present, else PATH)
 
 T2R_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -112,13 +119,19 @@ t2r_parse_args() {
   [[ $CPU == 0 || $CPU == 1 ]] || t2r_die "CPU must be 0 or 1 (got '$CPU')"
   if [[ $CPU == 1 ]]; then WORLD=$CPU_PROCS; else WORLD=$(( NUM_GPUS * NUM_NODES )); fi
   (( WORLD >= 1 )) || t2r_die "world size is 0: set NUM_GPUS>=1 (or CPU=1 CPU_PROCS>=1)"
+  SWAP=${SWAP:-calibrated} CALIBRATE_STEPS=${CALIBRATE_STEPS:-300} CALIBRATE_WAIT=${CALIBRATE_WAIT:-3600}
+  case $SWAP in calibrated|plain) ;; *) t2r_die "SWAP must be 'calibrated' (the default) or 'plain' (the paper's swap) (got '$SWAP')";; esac
+  for v in CALIBRATE_STEPS CALIBRATE_WAIT; do
+    [[ ${!v} =~ ^[0-9]+$ ]] || t2r_die "$v must be a non-negative integer (got '${!v}')"
+  done
+  CALIBRATED=$WORK/checkpoints/calibrated.pt
   export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}
 }
 
 t2r_has_stage() { [[ ",$STAGES," == *",$1,"* ]]; }
 
 # Rank 0 of a multi-task Slurm step and node 0 of a multi-node torchrun (or a plain single-node run): the
-# process that writes markers and runs the single-process stages (prep, eval).
+# process that writes markers and runs the single-process stages (prep, calibrate, eval).
 t2r_is_rank0() { [[ ${SLURM_PROCID:-0} == 0 && ${NODE_RANK:-0} == 0 ]]; }
 
 # t2r_stage NAME OUTPUT...: should stage NAME run? Skips (returns 1) when its marker exists, unless --force,
@@ -281,6 +294,72 @@ t2r_train() {
 # Space-separated extra overrides from an env var, as an array (word splitting is the documented format).
 t2r_split() { local -n _out=$1; read -r -a _out <<< "${2:-}"; }
 
+# ---- the swap: calibrated (default) or plain -----------------------------------------------------------------
+# SWAP=calibrated, the README's recommended recipe: stage calibrate (one process, rank 0) runs tools.convert on the
+#   teacher -- the swap, then each new feature map fitted to the teacher's softmax attention on a few training
+#   batches -- and writes $CALIBRATED; finetune starts from that checkpoint with the t2r_qk map and the maps'
+#   8x learning rate (ahead of the paper's recipe at the same finetuning budget: docs/PAPER.md, docs/RESULTS.md).
+# SWAP=plain, the paper's recipe: no calibration; finetune loads the teacher itself (the swap happens when
+#   fairseq-hydra-train loads it) with the paper's tied t2r map and one learning rate for all parameters.
+
+# t2r_calibrate_plain: true when SWAP=plain, after saying so if the calibrate stage was asked for.
+t2r_calibrate_plain() {
+  [[ $SWAP == plain ]] || return 1
+  if t2r_has_stage calibrate; then
+    t2r_say "calibrate: nothing to do with SWAP=plain (the finetune stage swaps the teacher itself, the paper's recipe)"
+  fi
+  return 0
+}
+
+# t2r_calibrate_elsewhere: true (after a message) on every process but rank 0, which alone runs the stage; the
+# others wait for its checkpoint in their finetune stage (t2r_finetune_start).
+t2r_calibrate_elsewhere() {
+  t2r_is_rank0 && return 1
+  if t2r_has_stage calibrate && [[ $SWAP != plain ]]; then
+    t2r_say "calibrate: runs on node 0 only (NODE_RANK=$NODE_RANK${SLURM_PROCID:+ SLURM_PROCID=$SLURM_PROCID}); this node's finetune waits for $CALIBRATED"
+  fi
+  return 0
+}
+
+# t2r_calibrate TEACHER [tools.convert options...]: the calibrate stage's command, once t2r_stage said it runs.
+# On the GPU unless CPU=1 (as the training stages), with the finetune stage's map and feature size.
+t2r_calibrate() {
+  local teacher=$1; shift
+  t2r_need "$teacher" "run the teacher stage first"
+  t2r_need "$BIN" "run the prep stage first"
+  local device=cuda more=()
+  [[ $CPU == 1 ]] && device=cpu
+  t2r_split more "${CALIBRATE_ARGS:-}"
+  t2r_run_tee "$WORK/logs/calibrate.log" "$PY" -m t2r_fairseq.tools.convert "$teacher" "$CALIBRATED" --data "$BIN" \
+    --feature-map t2r_qk --feature-size "$FEATURE_SIZE" "$@" --calibrate-steps "$CALIBRATE_STEPS" --seed 1 \
+    --device "$device" "${more[@]}"
+  t2r_need "$CALIBRATED" "tools.convert wrote no checkpoint, see $WORK/logs/calibrate.log"
+  t2r_mark calibrate
+}
+
+# t2r_finetune_start TEACHER_CKPT: sets START (the checkpoint the finetune stage loads) and SWAP_OVERRIDES (its
+# feature map and the maps' learning-rate scale). SWAP=calibrated: the calibrated checkpoint, which a process
+# other than rank 0 waits for (up to CALIBRATE_WAIT seconds; tools.convert writes it to a temporary file and
+# renames it, so once it exists it is complete); SWAP=plain: the teacher itself.
+t2r_finetune_start() {
+  if [[ $SWAP == plain ]]; then
+    START=$1 SWAP_OVERRIDES=(model.feature_map=t2r model.feature_map_lr_scale=1.0)
+    t2r_need "$START" "run the teacher stage first"
+    return 0
+  fi
+  START=$CALIBRATED SWAP_OVERRIDES=(model.feature_map=t2r_qk model.feature_map_lr_scale=8.0)
+  if [[ $DRY_RUN == 0 && ! -e $START ]] && ! t2r_is_rank0; then
+    t2r_say "finetune: waiting up to ${CALIBRATE_WAIT}s (CALIBRATE_WAIT) for node 0's calibrate stage to write $START"
+    local waited=0 step
+    while [[ ! -e $START ]] && (( waited < CALIBRATE_WAIT )); do
+      step=$(( CALIBRATE_WAIT - waited < 5 ? CALIBRATE_WAIT - waited : 5 ))
+      sleep "$step"; waited=$(( waited + step ))
+    done
+    t2r_need "$START" "node 0's calibrate stage did not write it within CALIBRATE_WAIT=${CALIBRATE_WAIT}s; run --stages calibrate on node 0, or SWAP=plain"
+  fi
+  t2r_need "$START" "run the calibrate stage first, or SWAP=plain to finetune from the teacher itself"
+}
+
 # ---- translation pipeline (shared by wmt14_ende.sh, wmt14_enfr.sh, wmt17_zhen.sh) ---------------------------
 # The recipe sets: SRC TGT DATA_PREP (data-prep script) SEGMENT (bpe|spm) TEACHER (download|train)
 # TEACHER_URL TEACHER_SHA256 TEACHER_CONFIG FINETUNE_CONFIG REF_WORLD BEAM LENPEN COMPOUND_SPLIT (0|1)
@@ -345,15 +424,28 @@ t2r_mt_teacher() {
   t2r_mark teacher
 }
 
-t2r_mt_finetune() {
-  t2r_stage finetune "$T2R_DIR" "$WORK/logs/finetune.log" || return 0
+# The teacher a stage reads: fails clearly when a public teacher has not been fetched yet.
+t2r_mt_need_teacher() {
   [[ $TEACHER == download && -z ${TEACHER_CKPT:-} && ! -d $PUBLIC && $DRY_RUN == 0 ]] && t2r_die "no teacher yet: run the teacher stage first"
   t2r_mt_teacher_ckpt
-  t2r_need "$TEACHER_CKPT" "run the teacher stage first"
+}
+
+t2r_mt_calibrate() {
+  t2r_calibrate_plain && return 0
+  t2r_calibrate_elsewhere && return 0
+  t2r_stage calibrate "$CALIBRATED" "$WORK/logs/calibrate.log" || return 0
+  t2r_mt_need_teacher
+  t2r_calibrate "$TEACHER_CKPT" --cross-feature-size "$CROSS_FEATURE_SIZE"
+}
+
+t2r_mt_finetune() {
+  t2r_stage finetune "$T2R_DIR" "$WORK/logs/finetune.log" || return 0
+  if [[ $SWAP == plain ]]; then t2r_mt_need_teacher; fi
+  t2r_finetune_start "${TEACHER_CKPT:-}"
   local extra=() more=()
   t2r_split extra "${TRAIN_OVERRIDES:-}"; t2r_split more "${FINETUNE_OVERRIDES:-}"
   t2r_train finetune "$FINETUNE_CONFIG" "$T2R_DIR" "$WORK/logs/finetune.log" \
-    task.data="$BIN" checkpoint.finetune_from_model="$TEACHER_CKPT" \
+    task.data="$BIN" checkpoint.finetune_from_model="$START" "${SWAP_OVERRIDES[@]}" \
     model.feature_size="$FEATURE_SIZE" model.cross_feature_size="$CROSS_FEATURE_SIZE" \
     optimization.max_update="$MAX_UPDATE" lr_scheduler.total_num_update="$MAX_UPDATE" dataset.max_tokens="$MAX_TOKENS" \
     "optimization.update_freq=[$(t2r_update_freq "$FINETUNE_CONFIG" "$REF_WORLD")]" "${extra[@]}" "${more[@]}"
@@ -403,6 +495,7 @@ t2r_mt_main() {
   t2r_mt_paths
   if t2r_is_rank0; then t2r_mt_prep; fi
   t2r_mt_teacher
+  t2r_mt_calibrate
   t2r_mt_finetune
   if t2r_is_rank0; then t2r_mt_eval; fi
 }

@@ -9,8 +9,8 @@
 #              binarised with fairseq-preprocess as the recipe's prep stage does with a public dictionary
 #   teacher    the recipe's teacher stage (TEACHER=train, its teacher config) for TEACHER_UPDATES update(s): a
 #              softmax model of the real architecture (16 x 1024 adaptive input/softmax LM; transformer-big MT)
-#   calibrate  python -m t2r_fairseq.tools.convert on it with the README's calibration (CAL_STEPS steps per layer;
-#              0 skips it and the finetune swaps the teacher itself, as the recipes do)
+#   calibrate  the recipe's calibrate stage (python -m t2r_fairseq.tools.convert on the teacher, the README's
+#              calibration) with CAL_STEPS steps per layer (0: the swap alone, no fitting) -> checkpoints/calibrated.pt
 #   finetune   the recipe's finetune stage: its hydra config unchanged (optimizer, schedule, clipping,
 #              --feature-map-lr-scale, criterion), loading the calibrated checkpoint, UPDATES updates at one
 #              GPU's batch (UPDATE_FREQ=1, the config's max_tokens), warm-up shortened to 1 update so the peak
@@ -102,23 +102,12 @@ model.decoder_attention_heads=4"
   rehearse_one() {
     run_recipe teacher teacher TEACHER=train TEACHER_MAX_UPDATE="$TEACHER_UPDATES" "${arch[@]}" \
       TRAIN_OVERRIDES="$overrides" TEACHER_OVERRIDES="common.log_interval=1" || return 1
-    teacher=$W/checkpoints/teacher/checkpoint_best.pt
-    start=$teacher
-    if (( CAL_STEPS > 0 )); then
-      say "$recipe: calibrate ($CAL_STEPS steps per layer)"
-      cross=()
-      [[ $recipe == wikitext103_lm ]] || cross=(--cross-feature-size "${CROSS_FEATURE_SIZE:-128}")  # the recipes' default
-      "$PY" -m t2r_fairseq.tools.rehearsal measure --out "$W/measure/calibrate.json" -- \
-        "$PY" -m t2r_fairseq.tools.convert "$teacher" "$W/checkpoints/calibrated.pt" --data "$W/data-bin" \
-        --feature-size "${FEATURE_SIZE:-32}" "${cross[@]}" --calibrate-steps "$CAL_STEPS" --device cpu \
-        > "$W/calibrate.stdout" 2>&1 || { tail -n 30 "$W/calibrate.stdout" >&2; echo "rehearse: $recipe: calibration failed" >&2; return 1; }
-      start=$W/checkpoints/calibrated.pt
-    fi
-    run_recipe finetune finetune TEACHER=train TEACHER_CKPT="$start" MAX_UPDATE="$UPDATES" "${arch[@]}" "${finetune_env[@]}" \
+    # the recipe's own calibrate stage (CPU=1: --device cpu), which the finetune stage then starts from
+    run_recipe calibrate calibrate TEACHER=train CALIBRATE_STEPS="$CAL_STEPS" "${arch[@]}" || return 1
+    run_recipe finetune finetune TEACHER=train MAX_UPDATE="$UPDATES" "${arch[@]}" "${finetune_env[@]}" \
       TRAIN_OVERRIDES="$overrides" FINETUNE_OVERRIDES="common.log_interval=1 $overrides_ft" || return 1
     run_recipe eval eval TEACHER=train EVAL_MODELS=t2r EVAL_CHECKPOINT=checkpoint_last.pt "${arch[@]}" "${eval_env[@]}" || return 1
-    measured=("$W/measure/teacher.json" "$W/measure/finetune.json" "$W/measure/eval.json")
-    [[ -f $W/measure/calibrate.json ]] && measured+=("$W/measure/calibrate.json")
+    measured=("$W/measure/teacher.json" "$W/measure/calibrate.json" "$W/measure/finetune.json" "$W/measure/eval.json")
     "$PY" -m t2r_fairseq.tools.rehearsal report --recipe "$recipe" --log "$W/logs/finetune.log" \
       --measured "${measured[@]}" --md "$MD" --json "$W/rehearsal.json" >&2 || return 1
   }

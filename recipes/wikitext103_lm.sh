@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# WikiText-103 language model: softmax teacher -> T2R swap-then-finetune -> perplexity (Kasai et al. 2021, Table 1).
+# WikiText-103 language model: softmax teacher -> T2R swap, calibrate, finetune -> perplexity (Kasai et al. 2021, Table 1).
 #
-#   bash recipes/wikitext103_lm.sh [--out DIR] [--stages prep,teacher,finetune,eval] [--force] [--dry-run]
+#   bash recipes/wikitext103_lm.sh [--out DIR] [--stages prep,teacher,calibrate,finetune,eval] [--force] [--dry-run]
 #
 # Stages (each skipped when $OUT/.done/<stage> exists; --force redoes the listed stages):
 #   prep      data-prep/wikitext103.sh and fairseq-preprocess --only-source (with the public teacher: its
@@ -9,9 +9,15 @@
 #   teacher   TEACHER=download (default): fairseq's public transformer_lm.wiki103.adaptive (adaptive_lm_wiki103.v2,
 #             Baevski & Auli 2019: 16 layers, d=1024, adaptive input/softmax, trained on 3072-token blocks);
 #             TEACHER=train: train that architecture on TOKENS_PER_SAMPLE-token blocks (configs/wikitext103_lm_teacher.yaml)
-#   finetune  swap to t2r_transformer_lm and finetune on TOKENS_PER_SAMPLE-token blocks
-#             (configs/wikitext103_lm_finetune.yaml); interrupted? run it again: fairseq resumes from
-#             $OUT/checkpoints/t2r/checkpoint_last.pt
+#   calibrate SWAP=calibrated (default, the README's recommended recipe): python -m t2r_fairseq.tools.convert
+#             on the teacher (--feature-map t2r_qk --feature-size $FEATURE_SIZE): the swap, then each new feature map
+#             fitted to the teacher's softmax attention -> $OUT/checkpoints/calibrated.pt (log $OUT/logs/calibrate.log);
+#             one process on node 0, on a GPU unless CPU=1. SWAP=plain: nothing to do
+#   finetune  finetune t2r_transformer_lm on TOKENS_PER_SAMPLE-token blocks (configs/wikitext103_lm_finetune.yaml)
+#             from the calibrated checkpoint with the t2r_qk map and --feature-map-lr-scale 8; SWAP=plain: from
+#             the teacher itself (the swap happens as it loads) with the paper's map and one learning rate
+#             (model.feature_map=t2r model.feature_map_lr_scale=1.0); interrupted? run it again: fairseq
+#             resumes from $OUT/checkpoints/t2r/checkpoint_last.pt
 #   eval      fairseq-eval-lm on valid and test with --tokens-per-sample/--context-window (sliding window: each
 #             token is scored with at least CONTEXT tokens of left context), ending in the perplexity lines
 #
@@ -30,11 +36,17 @@
 #   trained here (TEACHER=train) defaults to the T2R model's values)
 #   EVAL_MODELS ["teacher t2r"]  EVAL_SUBSETS ["valid test"]  EVAL_CHECKPOINT [checkpoint_best.pt]
 #   EVAL_MAX_TOKENS [3072]  PREP_WORKERS [8]
+#   SWAP [calibrated] | plain   the swap: the README's recommended recipe (calibrate stage, then finetune from its
+#             checkpoint with t2r_qk and the maps' 8x learning rate; ahead of the paper's recipe at the same budget in
+#             docs/RESULTS.md) or the paper's plain swap (no calibration; t2r map, one learning rate): docs/PAPER.md
+#   CALIBRATE_STEPS [300] Adam steps per layer (0: the swap alone)   CALIBRATE_WAIT [3600] s a node other than
+#             node 0 waits for its calibrated checkpoint   CALIBRATE_ARGS   extra tools.convert options, e.g.
+#             "--calibrate-batches 8 --max-tokens 2048" (see python -m t2r_fairseq.tools.convert --help)
 #   TRAIN_OVERRIDES / TEACHER_OVERRIDES / FINETUNE_OVERRIDES   extra hydra overrides, e.g. "model.dropout=0.2"
 #   T2R_DATA_MIRROR, T2R_DATA_CHECKSUMS   read by data-prep/download.py (local mirror, checksum table)
 # Slurm: recipes/slurm/wikitext103_lm.sbatch. Where each default comes from: recipes/configs/wikitext103_lm_*.yaml.
 set -euo pipefail
-RECIPE=wikitext103_lm DEFAULT_STAGES=prep,teacher,finetune,eval
+RECIPE=wikitext103_lm DEFAULT_STAGES=prep,teacher,calibrate,finetune,eval
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 t2r_parse_args "$@"
 
@@ -98,15 +110,25 @@ if t2r_stage teacher "$TEACHER_DIR" "$WORK/logs/teacher.log"; then
   t2r_mark teacher
 fi
 
-if t2r_stage finetune "$T2R_DIR" "$WORK/logs/finetune.log"; then
+need_teacher() {
   [[ $TEACHER == download && -z ${TEACHER_CKPT:-} && ! -d $PUBLIC && $DRY_RUN == 0 ]] && t2r_die "no teacher yet: run the teacher stage first"
   teacher_ckpt
-  t2r_need "$TEACHER_CKPT" "run the teacher stage first"
+}
+
+# The calibrate stage: one process (node 0), tools.convert on the teacher -> $CALIBRATED (lib.sh, t2r_calibrate).
+if ! t2r_calibrate_plain && ! t2r_calibrate_elsewhere && t2r_stage calibrate "$CALIBRATED" "$WORK/logs/calibrate.log"; then
+  need_teacher
+  t2r_calibrate "$TEACHER_CKPT"
+fi
+
+if t2r_stage finetune "$T2R_DIR" "$WORK/logs/finetune.log"; then
+  if [[ $SWAP == plain ]]; then need_teacher; fi
+  t2r_finetune_start "${TEACHER_CKPT:-}"
   period=$(( MAX_UPDATE > WARMUP_UPDATES ? MAX_UPDATE - WARMUP_UPDATES : 1 ))
   extra=() more=()
   t2r_split extra "${TRAIN_OVERRIDES:-}"; t2r_split more "${FINETUNE_OVERRIDES:-}"
   t2r_train finetune "$FINETUNE_CONFIG" "$T2R_DIR" "$WORK/logs/finetune.log" \
-    task.data="$BIN" checkpoint.finetune_from_model="$TEACHER_CKPT" "${ARCH[@]}" model.feature_size="$FEATURE_SIZE" \
+    task.data="$BIN" checkpoint.finetune_from_model="$START" "${SWAP_OVERRIDES[@]}" "${ARCH[@]}" model.feature_size="$FEATURE_SIZE" \
     optimization.max_update="$MAX_UPDATE" lr_scheduler.warmup_updates="$WARMUP_UPDATES" \
     lr_scheduler.lr_period_updates="$period" dataset.max_tokens="$MAX_TOKENS" \
     "optimization.update_freq=[$(t2r_update_freq "$FINETUNE_CONFIG" "$REF_WORLD")]" "${extra[@]}" "${more[@]}"

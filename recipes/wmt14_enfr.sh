@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# WMT14 EN-FR (newstest2014): softmax teacher -> T2R swap-then-finetune -> BLEU (Kasai et al. 2021, Table 2).
+# WMT14 EN-FR (newstest2014): softmax teacher -> T2R swap, calibrate, finetune -> BLEU (Kasai et al. 2021, Table 2).
 #
-#   bash recipes/wmt14_enfr.sh [--out DIR] [--stages prep,teacher,finetune,eval] [--force] [--dry-run]
+#   bash recipes/wmt14_enfr.sh [--out DIR] [--stages prep,teacher,calibrate,finetune,eval] [--force] [--dry-run]
 #
 # Stages (each skipped when $OUT/.done/<stage> exists; --force redoes the listed stages):
 #   prep      data-prep/wmt14_enfr.sh (Moses + BPE; with the public teacher: its BPE codes) and
@@ -9,8 +9,16 @@
 #   teacher   TEACHER=download (default): fairseq's public transformer.wmt14.en-fr (Ott et al. 2018: big
 #             transformer on WMT14 EN-FR, joined dictionary); TEACHER=train: train transformer_vaswani_wmt_en_fr_big
 #             on our own data (configs/wmt14_enfr_teacher.yaml)
-#   finetune  swap to t2r_transformer_vaswani_wmt_en_fr_big and finetune (configs/wmt14_enfr_finetune.yaml);
-#             interrupted? run it again: fairseq resumes from $OUT/checkpoints/t2r/checkpoint_last.pt
+#   calibrate SWAP=calibrated (default, the README's recommended recipe): python -m t2r_fairseq.tools.convert
+#             on the teacher (--feature-map t2r_qk --feature-size $FEATURE_SIZE --cross-feature-size
+#             $CROSS_FEATURE_SIZE): the swap, then each new feature map fitted to the teacher's softmax attention
+#             -> $OUT/checkpoints/calibrated.pt (log $OUT/logs/calibrate.log); one process on node 0, on a GPU
+#             unless CPU=1. SWAP=plain: nothing to do
+#   finetune  finetune t2r_transformer_vaswani_wmt_en_fr_big (configs/wmt14_enfr_finetune.yaml) from the calibrated
+#             checkpoint with the t2r_qk map and --feature-map-lr-scale 8; SWAP=plain: from the teacher itself
+#             (the swap happens as it loads) with the paper's map and one learning rate
+#             (model.feature_map=t2r model.feature_map_lr_scale=1.0); interrupted? run it again: fairseq resumes
+#             from $OUT/checkpoints/t2r/checkpoint_last.pt
 #   eval      fairseq-generate --beam $BEAM --lenpen $LENPEN on newstest2014, detokenised sacreBLEU against
 #             the raw reference (signature printed) and tokenised BLEU (the convention of the paper's table)
 #
@@ -26,11 +34,17 @@
 #   BPE_TOKENS [40000] (TEACHER=train)  BEAM [4]  LENPEN [0.6]  EVAL_MODELS ["teacher t2r"]
 #   EVAL_CHECKPOINT [checkpoint_best.pt]  EVAL_MAX_TOKENS [8000]  PREP_WORKERS [8]
 #   PREP_ARGS   extra options for data-prep/wmt14_enfr.sh (see its --help)
+#   SWAP [calibrated] | plain   the swap: the README's recommended recipe (calibrate stage, then finetune from its
+#             checkpoint with t2r_qk and the maps' 8x learning rate; ahead of the paper's recipe at the same budget in
+#             docs/RESULTS.md) or the paper's plain swap (no calibration; t2r map, one learning rate): docs/PAPER.md
+#   CALIBRATE_STEPS [300] Adam steps per layer (0: the swap alone)   CALIBRATE_WAIT [3600] s a node other than
+#             node 0 waits for its calibrated checkpoint   CALIBRATE_ARGS   extra tools.convert options, e.g.
+#             "--calibrate-batches 8 --max-tokens 2048" (see python -m t2r_fairseq.tools.convert --help)
 #   TRAIN_OVERRIDES / TEACHER_OVERRIDES / FINETUNE_OVERRIDES   extra hydra overrides, e.g. "model.dropout=0.2"
 #   T2R_DATA_MIRROR, T2R_DATA_CHECKSUMS   read by data-prep/download.py (local mirror, checksum table)
 # Slurm: recipes/slurm/wmt14_enfr.sbatch. Where each default comes from: recipes/configs/wmt14_enfr_*.yaml.
 set -euo pipefail
-RECIPE=wmt14_enfr DEFAULT_STAGES=prep,teacher,finetune,eval
+RECIPE=wmt14_enfr DEFAULT_STAGES=prep,teacher,calibrate,finetune,eval
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 t2r_parse_args "$@"
 

@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
-# WMT17 ZH-EN (newstest2017): softmax teacher (trained here) -> T2R swap-then-finetune -> sacreBLEU.
+# WMT17 ZH-EN (newstest2017): softmax teacher (trained here) -> T2R swap, calibrate, finetune -> sacreBLEU.
 #
-#   bash recipes/wmt17_zhen.sh [--out DIR] [--stages prep,teacher,finetune,eval] [--force] [--dry-run]
+#   bash recipes/wmt17_zhen.sh [--out DIR] [--stages prep,teacher,calibrate,finetune,eval] [--force] [--dry-run]
 #
 # Stages (each skipped when $OUT/.done/<stage> exists; --force redoes the listed stages):
 #   prep      data-prep/wmt17_zhen.sh (sentencepiece) and fairseq-preprocess (one dictionary per language)
 #   teacher   fairseq publishes no WMT17 ZH-EN transformer, so the teacher is trained here:
 #             transformer_vaswani_wmt_en_de_big, decoder input/output embeddings tied (configs/wmt17_zhen_teacher.yaml)
-#   finetune  swap to t2r_transformer_vaswani_wmt_en_de_big and finetune (configs/wmt17_zhen_finetune.yaml);
-#             interrupted? run it again: fairseq resumes from $OUT/checkpoints/t2r/checkpoint_last.pt
+#   calibrate SWAP=calibrated (default, the README's recommended recipe): python -m t2r_fairseq.tools.convert
+#             on the teacher (--feature-map t2r_qk --feature-size $FEATURE_SIZE --cross-feature-size
+#             $CROSS_FEATURE_SIZE): the swap, then each new feature map fitted to the teacher's softmax attention
+#             -> $OUT/checkpoints/calibrated.pt (log $OUT/logs/calibrate.log); one process on node 0, on a GPU
+#             unless CPU=1. SWAP=plain: nothing to do
+#   finetune  finetune t2r_transformer_vaswani_wmt_en_de_big (configs/wmt17_zhen_finetune.yaml) from the calibrated
+#             checkpoint with the t2r_qk map and --feature-map-lr-scale 8; SWAP=plain: from the teacher itself
+#             (the swap happens as it loads) with the paper's map and one learning rate
+#             (model.feature_map=t2r model.feature_map_lr_scale=1.0); interrupted? run it again: fairseq resumes
+#             from $OUT/checkpoints/t2r/checkpoint_last.pt
 #   eval      fairseq-generate --beam $BEAM --lenpen $LENPEN, sentencepiece removed, sacreBLEU (tok 13a) on
 #             the English output against the raw reference (signature printed)
 #
@@ -23,11 +31,17 @@
 #   SPM_VOCAB [32000]  BEAM [5]  LENPEN [1.0]  EVAL_MODELS ["teacher t2r"]
 #   EVAL_CHECKPOINT [checkpoint_best.pt]  EVAL_MAX_TOKENS [8000]  PREP_WORKERS [8]
 #   PREP_ARGS   extra options for data-prep/wmt17_zhen.sh (see its --help)
+#   SWAP [calibrated] | plain   the swap: the README's recommended recipe (calibrate stage, then finetune from its
+#             checkpoint with t2r_qk and the maps' 8x learning rate; ahead of the paper's recipe at the same budget in
+#             docs/RESULTS.md) or the paper's plain swap (no calibration; t2r map, one learning rate): docs/PAPER.md
+#   CALIBRATE_STEPS [300] Adam steps per layer (0: the swap alone)   CALIBRATE_WAIT [3600] s a node other than
+#             node 0 waits for its calibrated checkpoint   CALIBRATE_ARGS   extra tools.convert options, e.g.
+#             "--calibrate-batches 8 --max-tokens 2048" (see python -m t2r_fairseq.tools.convert --help)
 #   TRAIN_OVERRIDES / TEACHER_OVERRIDES / FINETUNE_OVERRIDES   extra hydra overrides, e.g. "model.dropout=0.1"
 #   T2R_DATA_MIRROR, T2R_DATA_CHECKSUMS   read by data-prep/download.py (local mirror, checksum table)
 # Slurm: recipes/slurm/wmt17_zhen.sbatch. Where each default comes from: recipes/configs/wmt17_zhen_*.yaml.
 set -euo pipefail
-RECIPE=wmt17_zhen DEFAULT_STAGES=prep,teacher,finetune,eval
+RECIPE=wmt17_zhen DEFAULT_STAGES=prep,teacher,calibrate,finetune,eval
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 t2r_parse_args "$@"
 

@@ -1,14 +1,15 @@
 """The paper recipes (recipes/*.sh, recipes/configs, recipes/slurm) through their real entry points.
 
-* dry runs: each recipe prints the exact commands (hydra config names and overrides, generate/eval-lm
-  settings, launchers) and creates nothing; env overrides and bad input;
+* dry runs: each recipe prints the exact commands (hydra config names and overrides, the calibrate stage's
+  tools.convert, generate/eval-lm settings, launchers) and creates nothing; env overrides and bad input; the
+  plain swap (SWAP=plain); markers; nodes other than node 0;
 * the hydra configs: parse, and the architectures match the public teachers they must load;
 * the scorer's compound-split / detokenised / reference-file modes;
 * every recipe end to end on the tiny upstream-layout fixture (tests/fixtures/make_fixtures.py) served as
-  T2R_DATA_MIRROR, with tiny model overrides, ending in BLEU / perplexity lines; the public-checkpoint path
+  T2R_DATA_MIRROR, with tiny model overrides, through the calibrate stage, ending in BLEU / perplexity lines; the public-checkpoint path
   with a fake "public" archive packed from a tiny teacher; re-runs that skip finished stages and resume
   training from checkpoint_last.pt;
-* a 2-process CPU (gloo) distributed finetune through the recipe's own launcher path.
+* a 2-process CPU (gloo) distributed finetune through the recipe's own launcher path (the plain swap).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -40,8 +42,9 @@ BLEU_LINE = r"sacreBLEU = [\d.]+ \(30 sentences\) signature: nrefs:1\|case:mixed
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "T2R_DATA_"))}
-    for k in ("WORK", "STAGES", "FORCE", "DRY_RUN", "TEACHER", "TEACHER_CKPT", "NUM_GPUS", "NUM_NODES", "LAUNCHER",
-              "CPU", "CPU_PROCS", "UPDATE_FREQ", "MAX_UPDATE", "FEATURE_SIZE", "MASTER_PORT", "RANK", "WORLD_SIZE"):
+    for k in ("WORK", "STAGES", "FORCE", "DRY_RUN", "TEACHER", "TEACHER_CKPT", "NUM_GPUS", "NUM_NODES", "NODE_RANK",
+              "LAUNCHER", "CPU", "CPU_PROCS", "UPDATE_FREQ", "MAX_UPDATE", "FEATURE_SIZE", "CROSS_FEATURE_SIZE",
+              "MASTER_PORT", "RANK", "WORLD_SIZE", "SWAP", "CALIBRATE_STEPS", "CALIBRATE_WAIT", "CALIBRATE_ARGS"):
         env.pop(k, None)
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", FAIRSEQ_BIN=str(BIN))
     env.update(extra)
@@ -91,8 +94,14 @@ def test_dry_run_wmt14_ende_public_teacher(tmp_path):
     _one(lines, "data-prep/download.py", "--url https://dl.fbaipublicfiles.com/fairseq/models/wmt16.en-de.joined-dict.transformer.tar.bz2")
     _one(lines, "data-prep/wmt14_ende.sh", f"--bpe-codes {public}/bpecodes")
     _one(lines, "fairseq-preprocess", f"--srcdict {public}/dict.en.txt --tgtdict {public}/dict.de.txt")
+    cal = _one(lines, "-m t2r_fairseq.tools.convert")
+    assert cal == (f"{BIN}/python -m t2r_fairseq.tools.convert {public}/model.pt {work}/checkpoints/calibrated.pt "
+                   f"--data {work}/data-bin --feature-map t2r_qk --feature-size 32 --cross-feature-size 128 "
+                   f"--calibrate-steps 300 --seed 1 --device cuda 2>&1 | tee -a {work}/logs/calibrate.log")
     ft = _one(lines, "fairseq-hydra-train", f"--config-dir {REPO}/recipes/configs --config-name wmt14_ende_finetune")
-    for part in [f"common.user_dir={REPO}/t2r_fairseq", f"checkpoint.finetune_from_model={public}/model.pt",
+    assert lines.index(cal) < lines.index(ft)
+    for part in [f"common.user_dir={REPO}/t2r_fairseq", f"checkpoint.finetune_from_model={work}/checkpoints/calibrated.pt "
+                 "model.feature_map=t2r_qk model.feature_map_lr_scale=8.0",
                  "model.feature_size=32", "optimization.max_update=30000", "dataset.max_tokens=3584",
                  "'optimization.update_freq=[1]'", "distributed_training.distributed_world_size=8",
                  f"| tee -a {work}/logs/finetune.log"]:
@@ -108,7 +117,8 @@ def test_dry_run_wmt14_ende_public_teacher(tmp_path):
 
 def test_dry_run_wmt14_ende_train_teacher_and_env_overrides(tmp_path):
     lines = _dry("wmt14_ende", tmp_path, TEACHER="train", NUM_GPUS="4", MAX_UPDATE="123", FEATURE_SIZE="16",
-                 CROSS_FEATURE_SIZE="4", BPE_TOKENS="500", BEAM="5", LENPEN="1.0")
+                 CROSS_FEATURE_SIZE="4", BPE_TOKENS="500", BEAM="5", LENPEN="1.0", CALIBRATE_STEPS="50",
+                 CALIBRATE_ARGS="--calibrate-batches 8 --max-tokens 2048")
     work = tmp_path / "work"
     assert not any("download.py" in l for l in lines)
     _one(lines, "data-prep/wmt14_ende.sh", "--bpe-tokens 500")
@@ -116,7 +126,12 @@ def test_dry_run_wmt14_ende_train_teacher_and_env_overrides(tmp_path):
     teacher = _one(lines, "--config-name wmt14_ende_teacher")
     assert "optimization.max_update=300000" in teacher and "'optimization.update_freq=[2]'" in teacher  # 8x1 GPU-batches on 4 GPUs
     ft = _one(lines, "--config-name wmt14_ende_finetune")
-    for part in [f"checkpoint.finetune_from_model={work}/checkpoints/teacher/checkpoint_best.pt", "model.feature_size=16",
+    cal = _one(lines, "tools.convert")
+    assert cal.startswith(f"{BIN}/python -m t2r_fairseq.tools.convert {work}/checkpoints/teacher/checkpoint_best.pt "
+                          f"{work}/checkpoints/calibrated.pt --data {work}/data-bin ")
+    assert ("--feature-size 16 --cross-feature-size 4 --calibrate-steps 50 --seed 1 --device cuda "
+            "--calibrate-batches 8 --max-tokens 2048 2>&1") in cal
+    for part in [f"checkpoint.finetune_from_model={work}/checkpoints/calibrated.pt", "model.feature_size=16",
                  "model.cross_feature_size=4", "optimization.max_update=123", "distributed_training.distributed_world_size=4"]:
         assert part in ft, (part, ft)
     assert "--beam 5 --lenpen 1.0" in _one(lines, "fairseq-generate", "t2r/checkpoint_best.pt")
@@ -127,7 +142,7 @@ def test_dry_run_wmt14_enfr(tmp_path):
     public = f"{tmp_path}/work/teacher/public/wmt14.en-fr.joined-dict.transformer"
     _one(lines, "download.py", "https://dl.fbaipublicfiles.com/fairseq/models/wmt14.en-fr.joined-dict.transformer.tar.bz2")
     _one(lines, "fairseq-preprocess", f"--srcdict {public}/dict.en.txt --tgtdict {public}/dict.fr.txt")
-    _one(lines, "--config-name wmt14_enfr_finetune", f"checkpoint.finetune_from_model={public}/model.pt")
+    _one(lines, "--config-name wmt14_enfr_finetune", f"checkpoint.finetune_from_model={tmp_path}/work/checkpoints/calibrated.pt")
     _one(lines, "fairseq-generate", "t2r/checkpoint_best.pt", "--beam 4 --lenpen 0.6")
     _one(lines, "sacrebleu_from_generate", "t2r.generate.txt", "--detok-lang fr")
     _one(lines, "sacrebleu_from_generate", "t2r.generate.txt", "--tokenised")
@@ -138,7 +153,7 @@ def test_dry_run_wmt17_zhen(tmp_path):
     lines = _dry("wmt17_zhen", tmp_path)
     _one(lines, "data-prep/wmt17_zhen.sh", "--spm-vocab 32000")
     _one(lines, "--config-name wmt17_zhen_teacher", "optimization.max_update=300000")
-    _one(lines, "--config-name wmt17_zhen_finetune", "checkpoints/teacher/checkpoint_best.pt")
+    _one(lines, "--config-name wmt17_zhen_finetune", "checkpoint.finetune_from_model=", "checkpoints/calibrated.pt")
     gen = _one(lines, "fairseq-generate", "t2r/checkpoint_best.pt")
     assert "--beam 5 --lenpen 1.0" in gen and "--post-process sentencepiece" in gen
     score = _one(lines, "sacrebleu_from_generate", "t2r.generate.txt")
@@ -153,7 +168,8 @@ def test_dry_run_wikitext103_lm(tmp_path):
     _one(lines, "download.py", "https://dl.fbaipublicfiles.com/fairseq/models/lm/adaptive_lm_wiki103.v2.tar.bz2")
     _one(lines, "fairseq-preprocess", "--only-source", f"--srcdict {public}/dict.txt")
     ft = _one(lines, "--config-name wikitext103_lm_finetune")
-    for part in [f"checkpoint.finetune_from_model={public}/model.pt", "task.tokens_per_sample=512", "model.decoder_layers=16",
+    for part in [f"checkpoint.finetune_from_model={tmp_path}/work/checkpoints/calibrated.pt", "task.tokens_per_sample=512",
+                 "model.feature_map=t2r_qk model.feature_map_lr_scale=8.0", "model.decoder_layers=16",
                  "optimization.max_update=50000", "lr_scheduler.lr_period_updates=46000", "'optimization.update_freq=[3]'"]:
         assert part in ft, (part, ft)
     t2r = [l for l in lines if "fairseq-eval-lm" in l and "t2r/checkpoint_best.pt" in l]
@@ -162,6 +178,132 @@ def test_dry_run_wikitext103_lm(tmp_path):
     assert {re.search(r"--gen-subset (\w+)", l).group(1) for l in t2r} == {"valid", "test"}
     teacher = _one(lines, "fairseq-eval-lm", f"--path {public}/model.pt", "--gen-subset test")
     assert "--tokens-per-sample 3072 --context-window 2560" in teacher
+
+
+# The teacher checkpoint each recipe's dry run names (under the work dir), and whether tools.convert gets a
+# cross-attention feature size (translation).
+TEACHERS = {
+    "wikitext103_lm": ("teacher/public/adaptive_lm_wiki103.v2/model.pt", False),
+    "wmt14_ende": ("teacher/public/wmt16.en-de.joined-dict.transformer/model.pt", True),
+    "wmt14_enfr": ("teacher/public/wmt14.en-fr.joined-dict.transformer/model.pt", True),
+    "wmt17_zhen": ("checkpoints/teacher/checkpoint_best.pt", True),
+}
+CALIBRATED_START = ("checkpoint.finetune_from_model={work}/checkpoints/calibrated.pt model.feature_map=t2r_qk "
+                    "model.feature_map_lr_scale=8.0")
+PLAIN_START = "checkpoint.finetune_from_model={teacher} model.feature_map=t2r model.feature_map_lr_scale=1.0"
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_dry_run_calibrate_stage(name, tmp_path):
+    """The default (SWAP=calibrated): between teacher and finetune, tools.convert swaps and calibrates the teacher
+    with the recipe's feature sizes into checkpoints/calibrated.pt; finetune starts from it with t2r_qk and the
+    maps' 8x learning rate; on the GPU unless CPU=1."""
+    work = tmp_path / "work"
+    teacher, mt = TEACHERS[name]
+    lines = _dry(name, tmp_path, FEATURE_SIZE="24", **({"CROSS_FEATURE_SIZE": "64"} if mt else {}))
+    cal = _one(lines, "tools.convert")
+    cross = " --cross-feature-size 64" if mt else ""
+    assert cal == (f"{BIN}/python -m t2r_fairseq.tools.convert {work}/{teacher} {work}/checkpoints/calibrated.pt "
+                   f"--data {work}/data-bin --feature-map t2r_qk --feature-size 24{cross} --calibrate-steps 300 "
+                   f"--seed 1 --device cuda 2>&1 | tee -a {work}/logs/calibrate.log")
+    ft = _one(lines, f"--config-name {name}_finetune")
+    assert lines.index(cal) < lines.index(ft)
+    assert CALIBRATED_START.format(work=work) in ft and "model.feature_size=24" in ft and f"{work}/{teacher}" not in ft
+    assert ("model.cross_feature_size=64" in ft) == mt
+    if name != "wmt17_zhen":  # a public teacher: fetched before it is calibrated
+        assert lines.index(_one(lines, "download.py")) < lines.index(cal)
+    cpu = _dry(name, tmp_path, "--stages", "calibrate", CPU="1", CALIBRATE_STEPS="0")
+    assert len(cpu) == 1 and cpu[0].endswith(f"--calibrate-steps 0 --seed 1 --device cpu 2>&1 | tee -a {work}/logs/calibrate.log")
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_dry_run_plain_swap_restores_the_papers_commands(name, tmp_path):
+    """SWAP=plain: no tools.convert, and the finetune loads the teacher itself with the paper's tied map and one
+    learning rate; every other command is the default's, unchanged."""
+    work = tmp_path / "work"
+    teacher = f"{work}/{TEACHERS[name][0]}"
+    default = _dry(name, tmp_path)
+    proc = recipe(name, "--dry-run", "--out", str(work), SWAP="plain")
+    plain = proc.stdout.splitlines()
+    assert "calibrate: nothing to do with SWAP=plain" in proc.stderr and "calibrated.pt" not in proc.stdout
+    assert plain == [l.replace(CALIBRATED_START.format(work=work), PLAIN_START.format(teacher=teacher))
+                     for l in default if "tools.convert" not in l]
+    assert PLAIN_START.format(teacher=teacher) in _one(plain, f"--config-name {name}_finetune")
+    # the switch alone: calibrate's marker and --force do not matter to it
+    forced = recipe(name, "--dry-run", "--out", str(work), "--stages", "calibrate", "--force", SWAP="plain")
+    assert forced.stdout == "" and "nothing to do with SWAP=plain" in forced.stderr
+
+
+def test_calibrate_marker_skips_and_force_redoes(tmp_path):
+    work = tmp_path / "work"
+    (work / ".done").mkdir(parents=True)
+    (work / ".done" / "calibrate").touch()
+    proc = recipe("wmt14_ende", "--dry-run", "--out", str(work), "--stages", "calibrate,finetune")
+    assert "calibrate: done (marker" in proc.stderr and "tools.convert" not in proc.stdout
+    _one(proc.stdout.splitlines(), "--config-name wmt14_ende_finetune", CALIBRATED_START.format(work=work))
+    forced = recipe("wmt14_ende", "--dry-run", "--out", str(work), "--stages", "calibrate", "--force").stdout.splitlines()
+    assert forced[:2] == [f"rm -rf {work}/checkpoints/calibrated.pt {work}/logs/calibrate.log", f"rm -f {work}/.done/calibrate"]
+    assert "tools.convert" in forced[-1] and len(forced) == 3
+    assert (work / ".done" / "calibrate").exists()  # a dry run deletes nothing
+
+
+def test_calibrate_runs_on_node_0_only(tmp_path):
+    """Several nodes: node 0 (or Slurm rank 0) runs the calibrate stage, as prep and eval; every other node skips
+    it, never deletes its output (--force), and starts its finetune from the calibrated checkpoint."""
+    work = tmp_path / "work"
+    multi = dict(NUM_NODES="2", MASTER_ADDR="node0", MASTER_PORT="12345")
+    args = ("--dry-run", "--out", str(work), "--stages", "calibrate,finetune")
+    node0 = recipe("wikitext103_lm", *args, NODE_RANK="0", **multi).stdout.splitlines()
+    assert len(node0) == 2 and "tools.convert" in node0[0] and node0[0].endswith(f"--device cuda 2>&1 | tee -a {work}/logs/calibrate.log")
+    assert node0[1].startswith(f"{BIN}/torchrun --nnodes 2 --nproc_per_node 8 --node_rank 0 ")
+    node1 = recipe("wikitext103_lm", *args, "--force", NODE_RANK="1", **multi)
+    assert "calibrate: runs on node 0 only (NODE_RANK=1)" in node1.stderr
+    lines = [l for l in node1.stdout.splitlines() if not l.startswith("rm ")]
+    assert "calibrated.pt" not in "".join(l for l in node1.stdout.splitlines() if l.startswith("rm "))
+    assert len(lines) == 1 and lines[0].startswith(f"{BIN}/torchrun --nnodes 2 --nproc_per_node 8 --node_rank 1 ")
+    assert CALIBRATED_START.format(work=work) in lines[0]
+    task3 = recipe("wmt14_ende", *args, LAUNCHER="srun", SLURM_PROCID="3", SLURM_NTASKS="16", **multi)
+    assert "calibrate: runs on node 0 only (NODE_RANK=0 SLURM_PROCID=3)" in task3.stderr
+    assert task3.stdout == "" and "finetune" in task3.stderr  # its finetune command goes to /dev/null (srun task)
+
+
+def test_other_nodes_wait_for_the_calibrated_checkpoint(tmp_path):
+    """NODE_RANK>0 (no dry run): the finetune waits up to CALIBRATE_WAIT seconds for node 0's checkpoint, then
+    starts (here a stand-in torchrun records its arguments), or ends with one clear line."""
+    work = tmp_path / "work"
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "torchrun").write_text('#!/usr/bin/env bash\necho "$@" > "$(dirname "$0")/args"\n')
+    (fake / "torchrun").chmod(0o755)
+    env = dict(FAIRSEQ_BIN=str(fake), NUM_NODES="2", NODE_RANK="1", TEACHER="train")
+    args = ("--out", str(work), "--stages", "calibrate,finetune")
+    late = recipe("wmt14_ende", *args, ok=False, CALIBRATE_WAIT="0", **env)
+    assert late.returncode == 2 and not (fake / "args").exists()
+    assert late.stderr.strip().splitlines()[-1] == (
+        f"wmt14_ende: error: missing {work}/checkpoints/calibrated.pt (node 0's calibrate stage did not write it "
+        "within CALIBRATE_WAIT=0s; run --stages calibrate on node 0, or SWAP=plain)")
+    proc = subprocess.Popen(["bash", str(REPO / "recipes" / "wmt14_ende.sh"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO, env=_env(CALIBRATE_WAIT="60", **env))
+    time.sleep(2)
+    assert proc.poll() is None  # waiting
+    (work / "checkpoints").mkdir(parents=True)
+    (work / "checkpoints" / "calibrated.pt").write_bytes(b"node 0's")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "waiting up to 60s (CALIBRATE_WAIT) for node 0's calibrate stage" in err
+    started = (fake / "args").read_text()
+    assert started.startswith("--nnodes 2 --nproc_per_node 8 --node_rank 1 ") and CALIBRATED_START.format(work=work) in started
+    assert not (work / ".done").exists()  # only node 0 writes markers
+
+
+@pytest.mark.parametrize("name", ["wmt17_zhen", "wikitext103_lm"])
+def test_finetune_without_the_calibrated_checkpoint_ends_with_one_clear_line(name, tmp_path):
+    work = tmp_path / "work"
+    proc = recipe(name, "--out", str(work), "--stages", "finetune", ok=False, TEACHER="train")
+    assert proc.returncode == 2 and not proc.stdout
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"{name}: error: missing {work}/checkpoints/calibrated.pt (run the calibrate stage first, or SWAP=plain to "
+        "finetune from the teacher itself)")
 
 
 def test_dry_run_launchers(tmp_path):
@@ -194,6 +336,12 @@ def test_dry_run_sbatch_templates(tmp_path):
         assert all("--nodes 2 --ntasks-per-node 4" in l and "LAUNCHER=srun" in l for l in sruns)
         ft = _one(lines, "fairseq-hydra-train", f"--config-name {name}_finetune")
         assert "distributed_world_size=8" in ft and "distributed_training.distributed_port=" in ft
+        # calibration: once, one process on the first node, between the teacher and the finetune
+        once = _one(lines, "--stages calibrate")
+        assert once == f"env NUM_GPUS=1 NUM_NODES=1 bash recipes/{name}.sh --out {work} --stages calibrate"
+        cal = _one(lines, "tools.convert")
+        assert lines.index(once) < lines.index(cal) < lines.index(ft) and "--device cuda" in cal
+        assert CALIBRATED_START.format(work=work) in ft
         assert any("--stages eval" in l for l in lines)
 
 
@@ -210,14 +358,16 @@ def test_stage_markers_skip_and_force(tmp_path):
 
 @pytest.mark.parametrize("args,env,message", [
     (["--bogus"], {}, "unknown option '--bogus'"),
-    (["--stages", "prep,train"], {}, "unknown stage 'train' in --stages; valid: prep,teacher,finetune,eval"),
+    (["--stages", "prep,train"], {}, "unknown stage 'train' in --stages; valid: prep,teacher,calibrate,finetune,eval"),
+    ([], {"SWAP": "paper"}, "SWAP must be 'calibrated' (the default) or 'plain' (the paper's swap) (got 'paper')"),
+    ([], {"CALIBRATE_STEPS": "many"}, "CALIBRATE_STEPS must be a non-negative integer (got 'many')"),
     ([], {"TEACHER": "hub"}, "TEACHER must be 'download' or 'train'"),
     ([], {"NUM_GPUS": "eight"}, "NUM_GPUS must be a non-negative integer"),
     ([], {"LAUNCHER": "mpirun"}, "LAUNCHER must be auto, spawn, torchrun or srun"),
 ])
 def test_bad_input_one_clear_message(tmp_path, args, env, message):
     proc = recipe("wmt14_ende", "--dry-run", "--out", str(tmp_path / "w"), *args, ok=False, **env)
-    assert proc.returncode == 2 and message in proc.stderr and not proc.stdout, proc.stderr
+    assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1] and not proc.stdout, proc.stderr
     assert len([l for l in proc.stderr.splitlines() if "error" in l]) == 1
 
 
@@ -225,7 +375,8 @@ def test_help_documents_the_environment():
     for name in RECIPES:
         out = recipe(name, "--help").stdout
         for word in ["--dry-run", "--stages", "NUM_GPUS", "MAX_UPDATE", "FEATURE_SIZE", "TRAIN_OVERRIDES", "T2R_DATA_MIRROR",
-                     f"recipes/slurm/{name}.sbatch"]:
+                     f"recipes/slurm/{name}.sbatch", "calibrate", "SWAP [calibrated] | plain", "CALIBRATE_STEPS",
+                     "CALIBRATE_WAIT", "CALIBRATE_ARGS", "model.feature_map=t2r model.feature_map_lr_scale=1.0"]:
             assert word in out, (name, word)
 
 
@@ -307,7 +458,7 @@ def _mirror_env(mirror: Path, **extra: str) -> dict[str, str]:
 
 def _mt_env(mirror: Path, **extra: str) -> dict[str, str]:
     env = dict(TEACHER="train", BPE_TOKENS="200", SPM_VOCAB="200", TEACHER_MAX_UPDATE="30", MAX_UPDATE="15",
-               MAX_TOKENS="1024", FEATURE_SIZE="8", TRAIN_OVERRIDES=MT_TINY)
+               MAX_TOKENS="1024", FEATURE_SIZE="8", CALIBRATE_STEPS="10", TRAIN_OVERRIDES=MT_TINY)
     env.update(extra)
     return _mirror_env(mirror, **env)
 
@@ -323,10 +474,12 @@ def test_wmt14_ende_end_to_end_and_rerun_skips(ende, mirror):
     for name in ("teacher", "t2r"):
         assert re.search(BLEU_LINE.format("wmt14_ende", name), proc.stdout), proc.stdout[-3000:]
         assert re.search(rf"compound-split BLEU = [\d.]+ \(30 sentences; .*tok:none.*\) \[wmt14_ende {name}\]", proc.stdout)
-    assert "T2R swap: reused" in (work / "logs" / "finetune.log").read_text()
-    assert sorted(p.name for p in (work / ".done").iterdir()) == ["eval", "finetune", "prep", "teacher"]
+    assert "T2R swap: reused" in (work / "logs" / "calibrate.log").read_text()  # tools.convert swapped the teacher
+    assert re.search(r"calibrat\w+: \d+ layers", (work / "logs" / "calibrate.log").read_text())
+    assert f"{work}/checkpoints/calibrated.pt" in (work / "logs" / "finetune.log").read_text()
+    assert sorted(p.name for p in (work / ".done").iterdir()) == ["calibrate", "eval", "finetune", "prep", "teacher"]
     again = recipe("wmt14_ende", "--out", str(work), **_mt_env(mirror))
-    assert again.stderr.count("done (marker") == 4 and "fairseq" not in again.stdout
+    assert again.stderr.count("done (marker") == 5 and "fairseq" not in again.stdout and "convert" not in again.stdout
 
 
 def _pack_public_archive(dest: Path, name: str, files: dict[str, Path]) -> None:
@@ -357,8 +510,9 @@ def test_wmt14_ende_public_checkpoint_path(ende, mirror, tmp_path):
     assert (work / "data-bin/dict.en.txt").read_text() == (public / "dict.en.txt").read_text()
     assert (work / "data/code").read_text() == (public / "bpecodes").read_text()
     assert not (work / "checkpoints/teacher").exists()  # nothing retrained
-    assert f"checkpoint.finetune_from_model={public}/model.pt" in proc.stderr
-    assert "T2R swap: reused" in (work / "logs/finetune.log").read_text()
+    assert f"tools.convert {public}/model.pt {work}/checkpoints/calibrated.pt" in proc.stderr
+    assert f"checkpoint.finetune_from_model={work}/checkpoints/calibrated.pt" in proc.stderr
+    assert "T2R swap: reused" in (work / "logs/calibrate.log").read_text()
 
 
 def test_wmt14_enfr_end_to_end(mirror, tmp_path):
@@ -381,7 +535,8 @@ def test_wmt17_zhen_end_to_end(zhen):
 
 def test_two_process_cpu_distributed_finetune(zhen, tmp_path):
     """CPU_PROCS=2: torchrun starts two gloo workers of fairseq-hydra-train; rank 0 loads the teacher and
-    broadcasts it (the swap) to rank 1; both train on their shard of each batch."""
+    broadcasts it (the swap) to rank 1; both train on their shard of each batch. SWAP=plain: the paper's swap,
+    the teacher loaded by the finetune itself with the tied map."""
     trained, _ = zhen
     work = tmp_path / "work"
     (work / ".done").mkdir(parents=True)
@@ -389,8 +544,9 @@ def test_two_process_cpu_distributed_finetune(zhen, tmp_path):
     (work / ".done" / "prep").touch()
     proc = recipe("wmt17_zhen", "--out", str(work), "--stages", "finetune", CPU="1", CPU_PROCS="2",
                   MASTER_PORT=_free_port(), TEACHER_CKPT=str(trained / "checkpoints/teacher/checkpoint_best.pt"),
-                  MAX_UPDATE="6", MAX_TOKENS="1024", FEATURE_SIZE="8", TRAIN_OVERRIDES=MT_TINY)
+                  MAX_UPDATE="6", MAX_TOKENS="1024", FEATURE_SIZE="8", TRAIN_OVERRIDES=MT_TINY, SWAP="plain")
     log = (work / "logs" / "finetune.log").read_text()
+    assert "model.feature_map=t2r model.feature_map_lr_scale=1.0" in proc.stderr
     assert len(re.findall(r"distributed init \(rank -1\): env://", log)) == 2, log[-3000:]
     assert "training on 2 devices" in log and "T2R swap: reused" in log
     assert re.search(r"\| train \| .*num_updates 6 ", log) or "num_updates 6" in log
@@ -403,7 +559,7 @@ def lm(mirror, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     work = tmp_path_factory.mktemp("lm")
     env = _mirror_env(mirror, TEACHER="train", LAYERS="2", TOKENS_PER_SAMPLE="64", EVAL_TOKENS_PER_SAMPLE="64",
                       EVAL_CONTEXT_WINDOW="32", TEACHER_MAX_UPDATE="20", MAX_UPDATE="10", WARMUP_UPDATES="2",
-                      MAX_TOKENS="1024", FEATURE_SIZE="8", EVAL_SUBSETS="test", TRAIN_OVERRIDES=LM_TINY,
+                      MAX_TOKENS="1024", FEATURE_SIZE="8", CALIBRATE_STEPS="10", EVAL_SUBSETS="test", TRAIN_OVERRIDES=LM_TINY,
                       TEACHER_OVERRIDES="lr_scheduler.warmup_updates=5")
     return work, recipe("wikitext103_lm", "--out", str(work), **env)
 
@@ -419,7 +575,7 @@ def test_wikitext103_lm_end_to_end(lm):
 
 def test_wikitext103_lm_public_checkpoint_path(lm, mirror, tmp_path):
     """TEACHER=download (the default): adaptive_lm_wiki103.v2.tar.bz2 -> its dict.txt binarises the corpus and
-    its model.pt (adaptive input/softmax) is swapped into the T2R model."""
+    its model.pt (adaptive input/softmax) is swapped into the T2R model and calibrated."""
     trained, _ = lm
     served = tmp_path / "mirror"
     served.mkdir()
@@ -431,7 +587,7 @@ def test_wikitext103_lm_public_checkpoint_path(lm, mirror, tmp_path):
     work = tmp_path / "work"
     env = _mirror_env(served, LAYERS="2", TOKENS_PER_SAMPLE="64", EVAL_TOKENS_PER_SAMPLE="64", EVAL_CONTEXT_WINDOW="32",
                       TEACHER_EVAL_TOKENS_PER_SAMPLE="64", TEACHER_EVAL_CONTEXT_WINDOW="48", MAX_UPDATE="6",
-                      WARMUP_UPDATES="2", MAX_TOKENS="1024", FEATURE_SIZE="8", EVAL_SUBSETS="valid",
+                      WARMUP_UPDATES="2", MAX_TOKENS="1024", FEATURE_SIZE="8", CALIBRATE_STEPS="10", EVAL_SUBSETS="valid",
                       TRAIN_OVERRIDES=LM_TINY)
     proc = recipe("wikitext103_lm", "--out", str(work), **env)
     assert re.search(r"^wikitext103_lm teacher valid: Perplexity: [\d.]+ \(tokens per sample 64, context window 48\)$",
@@ -439,7 +595,7 @@ def test_wikitext103_lm_public_checkpoint_path(lm, mirror, tmp_path):
     assert re.search(r"^wikitext103_lm t2r valid: Perplexity: [\d.]+", proc.stdout, flags=re.M)
     assert (work / "data-bin/dict.txt").read_text() == (trained / "data-bin/dict.txt").read_text()
     assert not (work / "checkpoints/teacher").exists()
-    assert "T2R swap: reused" in (work / "logs/finetune.log").read_text()
+    assert "T2R swap: reused" in (work / "logs/calibrate.log").read_text()
 
 
 def test_interrupted_finetune_resumes_from_checkpoint_last(lm, mirror):
