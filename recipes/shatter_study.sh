@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Shatter vs multi-head RoBERTa, small masked-LM study on WikiText-2 (docs/SHATTER.md, issue 34, item 3).
+# Shatter vs multi-head RoBERTa, small masked-LM study on WikiText-2 (docs/SHATTER.md).
 # CORPUS=wikitext2 (default): train/dev cut from ../shared/data/wikitext-2/valid.txt (first 3400 lines / last 360);
 # CORPUS=multi30k: ../shared/data/multi30k/train.en / val.en (English side). Test sets are never read.
 # TASK=mt: translation instead (Multi30k EN-DE; variants multihead, shatter, shatter_t2r; see below).

@@ -254,3 +254,23 @@ def test_generate_speed_and_long_sources(work, mt_t2r, tmp_path):
         # forced lengths: every best hypothesis is 6 tokens plus EOS, for both models
         assert all(row.split("|")[5].strip() == "7.0" for row in rows.values()), rows
         assert proc.stdout.strip().startswith("| model |")
+
+
+def test_mt_speed_script_writes_every_row(work, mt_t2r, tmp_path):
+    """scripts/mt_speed.sh: sentence-level beam 4 and 1, forced long outputs, joined long sources, one table each."""
+    import os
+
+    env = dict(os.environ, SRC="src", TGT="tgt", REPS="1", JOIN="4", BATCHES="1", THREADS="1", PYTHON=sys.executable)
+    proc = subprocess.run(
+        ["bash", str(Path(__file__).resolve().parents[1] / "scripts" / "mt_speed.sh"), str(work / "bin-mt"), str(tmp_path),
+         f"teacher={work / 'mt-teacher' / 'checkpoint_last.pt'}", f"t2r={work / 'mt-t2r' / 'checkpoint_last.pt'}"],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (tmp_path / "mt_speed.md").read_text()
+    sections = report.split("### ")[1:]
+    assert [s.splitlines()[0] for s in sections] == [
+        "sentences, beam 4", "sentences, beam 1", "long outputs (200 tokens), beam 4", "long sources (4 sentences joined), beam 4"]
+    for section in sections:
+        assert "| teacher |" in section and "| t2r |" in section and "Command: python -m t2r_fairseq.tools.generate_speed" in section
+    assert "| 201.0 |" in sections[2]  # forced: 200 tokens and EOS
+    assert proc.stdout.startswith("### sentences, beam 4")

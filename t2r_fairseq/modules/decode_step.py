@@ -40,7 +40,7 @@ DECODE_STEPS = ("auto", "eager", "compile", "graph", "compile_graph")
 # What ``auto`` means per device type: chosen by measurement (docs/BENCHMARKS.md, "Decode paths"). On CPU the static
 # step alone gains nothing (no launches to save) and compile's 0-31% per step does not repay its one-off compilation
 # in a fairseq-generate run (3.4x slower end to end); CUDA stays eager until a GPU run of scripts/gpu_check.sh has
-# measured the captured step against it (issue 32).
+# measured the captured step against it.
 AUTO_DECODE_STEP: Dict[str, str] = {"cpu": "eager", "cuda": "eager"}
 
 State = Dict[str, Dict[str, Optional[Tensor]]]

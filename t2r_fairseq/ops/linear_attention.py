@@ -42,7 +42,7 @@ DEFAULT_EPS = 1e-2
 DEFAULT_CHUNK_SIZE = 64
 BACKENDS = ("auto", "torch", "fla")
 # Whether backend="auto" may pick fla's kernel. False until a GPU run has checked it: set it (or narrow
-# _auto_uses_fla to the devices and shapes measured) after the GPU oracle tests of issue 32 pass, i.e. fla's
+# _auto_uses_fla to the devices and shapes measured) after its CUDA oracle tests (scripts/gpu_check.sh) pass, i.e. fla's
 # kernel equals the torch path and is faster there. Unverified, its first call on an H200 (Triton compilation)
 # had not returned after 95 s, so "auto" must not walk users into it.
 FLA_VERIFIED = False
