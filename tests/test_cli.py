@@ -254,13 +254,17 @@ def test_generate_speed_and_long_sources(work, mt_t2r, tmp_path):
         # forced lengths: every best hypothesis is 6 tokens plus EOS, for both models
         assert all(row.split("|")[5].strip() == "7.0" for row in rows.values()), rows
         assert proc.stdout.strip().startswith("| model |")
+    refused = run(sys.executable, "-m", "t2r_fairseq.tools.generate_speed", work / "bin-mt",
+                  f"teacher={work / 'mt-teacher' / 'checkpoint_last.pt'}", "--bound", ok=False)
+    assert refused.returncode == 2 and "--bound needs forced lengths" in refused.stderr.strip().splitlines()[-1]
 
 
 def test_mt_speed_script_writes_every_row(work, mt_t2r, tmp_path):
     """scripts/mt_speed.sh: sentence-level beam 4 and 1, forced long outputs, joined long sources, one table each."""
     import os
 
-    env = dict(os.environ, SRC="src", TGT="tgt", REPS="1", JOIN="4", BATCHES="1", THREADS="1", PYTHON=sys.executable)
+    env = dict(os.environ, SRC="src", TGT="tgt", REPS="1", JOIN="4", LONG="12", BATCH="8", BATCHES="1", THREADS="1",
+               PYTHON=sys.executable)
     proc = subprocess.run(
         ["bash", str(Path(__file__).resolve().parents[1] / "scripts" / "mt_speed.sh"), str(work / "bin-mt"), str(tmp_path),
          f"teacher={work / 'mt-teacher' / 'checkpoint_last.pt'}", f"t2r={work / 'mt-t2r' / 'checkpoint_last.pt'}"],
@@ -269,8 +273,9 @@ def test_mt_speed_script_writes_every_row(work, mt_t2r, tmp_path):
     report = (tmp_path / "mt_speed.md").read_text()
     sections = report.split("### ")[1:]
     assert [s.splitlines()[0] for s in sections] == [
-        "sentences, beam 4", "sentences, beam 1", "long outputs (200 tokens), beam 4", "long sources (4 sentences joined), beam 4"]
+        "sentences, beam 4", "sentences, beam 1", "long outputs (12 tokens), beam 4", "long sources (4 sentences joined), beam 4"]
     for section in sections:
         assert "| teacher |" in section and "| t2r |" in section and "Command: python -m t2r_fairseq.tools.generate_speed" in section
-    assert "| 201.0 |" in sections[2]  # forced: 200 tokens and EOS
+        assert ("attention-free bound" in section) == section.startswith("long outputs")  # only where lengths are forced
+    assert "| 13.0 |" in sections[2]  # forced: 12 tokens and EOS
     assert proc.stdout.startswith("### sentences, beam 4")

@@ -11,10 +11,11 @@ scoring, which are the same for every model, are left out. The models run in tur
 one warm-up round), so every model sees the same machine load; each row is the median, and the ratios are
 against the first model, measured in the same run.
 
-``--bound`` adds, for each model, the same generation with every attention layer replaced by the identity (its
-input passed through): what the rest of the model and the generator cost, the speed no attention can beat.
 ``--min-len N --max-len-a 0 --max-len-b N`` forces every hypothesis to N tokens, so models of different quality
-are timed on the same work (long outputs: N = 200+).
+are timed on the same work (long outputs: N = 200+). ``--bound`` (forced lengths only: a model without attention
+chooses other lengths) adds, for each model, the same generation with every attention layer replaced by the
+identity (its input passed through): what the rest of the model and the generator cost, the speed no attention can
+beat.
 """
 
 from __future__ import annotations
@@ -180,6 +181,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.reps < 1 or args.batch_size < 1 or args.beam < 1:
         parser.error("--reps, --batch-size and --beam must be at least 1")
+    if args.bound and not (args.max_len_a == 0 and args.min_len == args.max_len_b):
+        parser.error("--bound needs forced lengths (--min-len N --max-len-a 0 --max-len-b N): without attention a "
+                     "model generates other lengths, and the bound would time other work")
     if args.threads:
         torch.set_num_threads(args.threads)
     text = table(measure(args), args)
