@@ -228,15 +228,17 @@ def test_decode_step_override_generates_what_eager_generates(work, mt_t2r, lm_t2
     assert "SAME True" in proc.stdout, proc.stdout
 
 
-def test_generate_speed_and_long_sources(work, mt_t2r, tmp_path):
+def test_generate_speed_and_long_sources(work, mt_t2r, tmp_path, capsys):
     """The generation benchmark times teacher and T2R in one run (rows, ratios against the first model, the
-    attention-free bound), and concat_sources' joined split is read by the same models."""
-    long_bin = tmp_path / "bin-long"
-    made = run(sys.executable, "-m", "t2r_fairseq.tools.concat_sources", work / "bin-mt", long_bin,
-               "--src", "src", "--tgt", "tgt", "--join", "4")
-    assert "15 sentences of 4 joined pairs" in made.stdout  # 60 test sentences
+    attention-free bound), and concat_sources' joined split is read by the same models (both run in-process here;
+    test_mt_speed_script_writes_every_row runs them as commands)."""
     from fairseq.data import Dictionary, data_utils
 
+    from t2r_fairseq.tools import concat_sources, generate_speed
+
+    long_bin = tmp_path / "bin-long"
+    concat_sources.main([str(work / "bin-mt"), str(long_bin), "--src", "src", "--tgt", "tgt", "--join", "4"])
+    assert "15 sentences of 4 joined pairs" in capsys.readouterr().out  # 60 test sentences
     d = Dictionary.load(str(work / "bin-mt" / "dict.src.txt"))
     short = data_utils.load_indexed_dataset(str(work / "bin-mt" / "test.src-tgt.src"), d)
     joined = data_utils.load_indexed_dataset(str(long_bin / "test.src-tgt.src"), d)
@@ -244,19 +246,18 @@ def test_generate_speed_and_long_sources(work, mt_t2r, tmp_path):
     assert joined[0].tolist() == want  # one EOS, at the end
 
     out = tmp_path / "speed.md"
-    for data in (work / "bin-mt", long_bin):
-        proc = run(sys.executable, "-m", "t2r_fairseq.tools.generate_speed", data,
-                   f"teacher={work / 'mt-teacher' / 'checkpoint_last.pt'}", f"t2r={work / 'mt-t2r' / 'checkpoint_last.pt'}",
-                   "--batch-size", "8", "--max-batches", "2", "--reps", "1", "--bound", "--beam", "3",
-                   "--min-len", "6", "--max-len-b", "6", "--out", out)
-        rows = {l.split("|")[1].strip(): l for l in out.read_text().splitlines() if l.startswith("| t")}
-        assert set(rows) == {"teacher", "t2r"} and "| 1.00x |" in rows["teacher"]
-        # forced lengths: every best hypothesis is 6 tokens plus EOS, for both models
-        assert all(row.split("|")[5].strip() == "7.0" for row in rows.values()), rows
-        assert proc.stdout.strip().startswith("| model |")
-    refused = run(sys.executable, "-m", "t2r_fairseq.tools.generate_speed", work / "bin-mt",
-                  f"teacher={work / 'mt-teacher' / 'checkpoint_last.pt'}", "--bound", ok=False)
-    assert refused.returncode == 2 and "--bound needs forced lengths" in refused.stderr.strip().splitlines()[-1]
+    models = [f"teacher={work / 'mt-teacher' / 'checkpoint_last.pt'}", f"t2r={work / 'mt-t2r' / 'checkpoint_last.pt'}"]
+    generate_speed.main([str(long_bin), *models, "--batch-size", "8", "--max-batches", "1", "--reps", "1", "--bound",
+                         "--beam", "3", "--min-len", "6", "--max-len-b", "6", "--out", str(out)])
+    assert capsys.readouterr().out.strip().startswith("| model |")
+    rows = {l.split("|")[1].strip(): l for l in out.read_text().splitlines() if l.startswith("| t")}
+    assert set(rows) == {"teacher", "t2r"} and "| 1.00x |" in rows["teacher"]
+    # forced lengths: every best hypothesis is 6 tokens plus EOS, for both models; the bound's columns are there
+    assert all(row.split("|")[5].strip() == "7.0" and len(row.split("|")) == 9 for row in rows.values()), rows
+    with pytest.raises(SystemExit) as refused:
+        generate_speed.main([str(work / "bin-mt"), models[0], "--bound"])
+    assert refused.value.code == 2
+    assert "--bound needs forced lengths" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_mt_speed_script_writes_every_row(work, mt_t2r, tmp_path):
