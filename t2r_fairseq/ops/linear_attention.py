@@ -357,7 +357,8 @@ def linear_attention_step(
 
     The rank-one update is a broadcast ``addcmul`` (one pass over ``S``), not a
     batched matmul with an inner dimension of 1: on CPU the latter ran 2-2.5x
-    slower at 128-512 hypotheses (4 heads, 32 x 32 state per head).
+    slower at 128-512 hypotheses (4 heads, 32 x 32 state per head; a 1-thread
+    micro-benchmark beside another job, so indicative).
     """
     kf = k.float()
     if key_padding_mask is not None:
