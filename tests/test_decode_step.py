@@ -63,7 +63,7 @@ def test_static_step_equals_eager_through_reorders_and_shrinks(tmp_path, task, b
         out_s, _ = static.decoder(prefix, encoder_out=enc_s, incremental_state=state_s)
         torch.testing.assert_close(out_s, out_e, rtol=0, atol=1e-5)
         if step == 0:
-            runner = static.decoder._runner
+            runner = static.decoder.static_runner
             assert runner is not None  # built, but the first step (no recurrent state yet) ran eagerly
             runner.bucketed = bucketed
         else:
@@ -141,7 +141,7 @@ def test_compiled_step_equals_eager(tmp_path):
     kw = dict(beam_size=2, max_len_b=8, min_len=2)
     _assert_same_hypotheses(_generate(eager, "mt", t.target_dictionary, sample, **kw),
                             _generate(compiled, "mt", t.target_dictionary, sample, **kw))
-    assert compiled.decoder._runner is not None and compiled.decoder._runner.mode == "compile"
+    assert compiled.decoder.static_runner is not None and compiled.decoder.static_runner.mode == "compile"
 
 
 @torch.no_grad()
@@ -152,7 +152,7 @@ def test_hybrid_falls_back_to_eager_with_a_warning(tmp_path, caplog):
     sample = _sample(t, "lm")
     with caplog.at_level(logging.WARNING):
         got = _generate(static, "lm", t.target_dictionary, sample, beam_size=2, max_len_b=6)
-    assert static.decoder._runner is None
+    assert static.decoder.static_runner is None
     assert any("SlidingWindowAttention" in r.message and "eager" in r.message for r in caplog.records)
     _assert_same_hypotheses(_generate(eager, "lm", t.target_dictionary, sample, beam_size=2, max_len_b=6), got)
 
@@ -164,11 +164,11 @@ def test_training_and_scoring_stay_eager(tmp_path):
     model.decoder.set_decode_step("graph")
     tokens = random_tokens(t.target_dictionary, 2, 5)
     model.decoder(tokens)  # scoring: no incremental state
-    assert model.decoder._runner is None
+    assert model.decoder.static_runner is None
     state: dict = {}
     model.decoder(tokens[:, :1], incremental_state=state)
     model.decoder(tokens[:, :2], incremental_state=state, features_only=True)  # hub extract_features: eager
-    assert model.decoder._runner is not None and not model.decoder._runner.owns(state)
+    assert model.decoder.static_runner is not None and not model.decoder.static_runner.owns(state)
 
 
 def test_bad_decode_step_is_one_line(tmp_path):
@@ -212,7 +212,7 @@ def test_graph_capture_on_cuda(tmp_path, dtype, atol, mode):
             for sw, sg in zip(want, got):
                 if sw[0][0] == sg[0][0]:
                     torch.testing.assert_close(sg[0][2].float(), sw[0][2].float(), rtol=0, atol=atol)
-    runner = captured.decoder._runner
+    runner = captured.decoder.static_runner
     assert runner.capture and all(b.graph is not None for b in runner._buckets.values())
 
 

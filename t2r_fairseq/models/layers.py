@@ -7,7 +7,6 @@ drop, activation checkpointing and FSDP wrapping stay fairseq's.
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -19,11 +18,14 @@ from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from torch import Tensor, nn
 
 from t2r_fairseq.models.config import attention_options, decode_step_option, sliding_window_option
-from t2r_fairseq.modules.decode_step import StaticDecodeRunner, resolve_decode_step, unsupported_reason, wants_alignment
-from t2r_fairseq.modules.linear_multihead_attention import LinearAttentionOptions, LinearMultiheadAttention
+from t2r_fairseq.modules.decode_step import StaticDecodeRunner, StaticDecodeStep, resolve_decode_step
+from t2r_fairseq.modules.linear_multihead_attention import (
+    LinearAttentionOptions,
+    LinearMultiheadAttention,
+    generation_step,
+)
 from t2r_fairseq.modules.sliding_window_attention import SlidingWindowAttention
 
-logger = logging.getLogger(__name__)
 IncrementalState = Dict[str, Dict[str, Optional[Tensor]]]
 
 
@@ -94,12 +96,14 @@ class T2RTransformerDecoderLayer(TransformerDecoderLayerBase):
         whether or not anything uses them. For softmax they come for free; for
         linear attention they need ``phi(k)`` of the whole source, O(source) per
         target token, the one cost the cached source state exists to avoid. So in
-        generation (eval mode, incremental state) they are computed only when
-        the layer was prepared with ``make_generation_fast_(need_attn=True)``,
-        which ``fairseq-generate`` / ``fairseq-interactive --print-alignment``
-        do. Without it ``hypo["attention"]`` is empty; nothing else changes.
+        a step of generation (:func:`~t2r_fairseq.modules.linear_multihead_attention.generation_step`)
+        they are computed only when the layer was prepared with
+        ``make_generation_fast_(need_attn=True)``, which ``fairseq-generate`` /
+        ``fairseq-interactive --print-alignment`` do (fairseq's own layer hook
+        sets ``need_attn``). Without it ``hypo["attention"]`` is empty; nothing
+        else changes.
         """
-        if incremental_state is not None and not self.training and not self.need_attn:
+        if not self.need_attn and generation_step(self, incremental_state):
             need_attn = need_head_weights = False
         return super().forward(
             x, encoder_out, encoder_padding_mask, incremental_state, prev_self_attn_state, prev_attn_state,
@@ -147,7 +151,8 @@ class T2RTransformerDecoder(TransformerDecoder):
     causal by construction, and the mask would cost O(L^2) memory that the
     linear model exists to avoid. Generation's step runs on static buffers
     (compiled and/or captured as a CUDA graph) when ``--decode-step`` asks for
-    it: :mod:`t2r_fairseq.modules.decode_step`.
+    it: a :class:`~t2r_fairseq.modules.decode_step.StaticDecodeStep` is then
+    installed in front of fairseq's forward, and only then.
     """
 
     def __init__(
@@ -165,8 +170,8 @@ class T2RTransformerDecoder(TransformerDecoder):
         self.sliding_window = sliding_window_option(args)  # validated before any layer is built
         self.decode_step = decode_step_option(args)
         super().__init__(args, dictionary, embed_tokens, no_encoder_attn, output_projection)
-        self._runner: Optional[StaticDecodeRunner] = None
-        self._refused: Optional[str] = None
+        self._static_step: Optional[StaticDecodeStep] = None
+        self._install_decode_step()
 
     def set_beam_size(self, beam_size: int) -> None:  # type: ignore[override]
         """fairseq's generator announces its beam (through the model's ``set_beam_size``): the linear
@@ -179,28 +184,35 @@ class T2RTransformerDecoder(TransformerDecoder):
 
     def set_decode_step(self, mode: str) -> None:
         """Switch generation's step (``--decode-step``'s values) on a built model, e.g. from the hub API."""
-        resolve_decode_step(mode, torch.device("cpu"))  # validates
-        self.decode_step, self._runner, self._refused = mode, None, None
+        self._install_decode_step(mode)
 
-    def _static_runner(self, incremental_state: Optional[IncrementalState], plain: bool) -> Optional[StaticDecodeRunner]:
-        """The runner for this call, or None for fairseq's eager forward (training, scoring, the first step of a
-        generation, or a model the static step cannot take)."""
-        if incremental_state is None or not plain or self.training or torch.is_grad_enabled():
-            return None
-        mode = resolve_decode_step(self.decode_step, next(self.parameters()).device)
-        if mode == "eager" or self._refused is not None:
-            return None
-        runner = self._runner
-        if runner is None or runner.mode != mode or not runner.valid_for(self):
-            reason = unsupported_reason(self)
-            if reason is not None:
-                self._refused = reason
-                logger.warning("--decode-step %s: %s; generating with the eager step", mode, reason)
-                return None
-            runner = self._runner = StaticDecodeRunner(self, mode)
-        if wants_alignment(self):
-            return None  # eager computes the alignments
-        return runner if runner.ready(incremental_state) else None
+    def _placement(self) -> Tuple[torch.device, torch.dtype]:
+        param = next(self.parameters())
+        return param.device, param.dtype
+
+    def _install_decode_step(self, mode: Optional[str] = None) -> None:
+        """Decide, for the decoder's current device, what runs generation's steps: nothing in front of fairseq's
+        forward when ``mode`` (default: the current ``--decode-step``) resolves to ``eager``, else a fresh
+        :class:`~t2r_fairseq.modules.decode_step.StaticDecodeStep` (its runner and buffers are built at the first
+        step of generation). Called when the decoder is built, by :meth:`set_decode_step` and when the decoder
+        moves to another device or dtype (``auto`` is per device; the runner's buffers are per device and dtype)."""
+        mode = self.decode_step if mode is None else mode
+        resolved = resolve_decode_step(mode, self._placement()[0])  # refuses an unknown mode before anything changes
+        self.decode_step = mode
+        self._static_step = None if resolved == "eager" else StaticDecodeStep(resolved)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "T2RTransformerDecoder":
+        """``to`` / ``cuda`` / ``half`` / ... : re-decide the decode step when the device or dtype changed."""
+        before = self._placement()
+        result = super()._apply(fn, *args, **kwargs)
+        if self._placement() != before:
+            self._install_decode_step()
+        return result
+
+    @property
+    def static_runner(self) -> Optional[StaticDecodeRunner]:
+        """The static step's runner once the first step of generation built it; None with the eager step."""
+        return self._static_step.runner if self._static_step is not None else None
 
     def forward(  # type: ignore[override]
         self,
@@ -214,18 +226,19 @@ class T2RTransformerDecoder(TransformerDecoder):
         src_lengths: Optional[Any] = None,
         return_all_hiddens: bool = False,
     ) -> Tuple[Tensor, Dict[str, Any]]:
-        """fairseq's forward; a plain generation step goes to the static runner when ``--decode-step`` asks."""
-        plain = not (features_only or full_context_alignment or return_all_hiddens) and alignment_layer is None
-        runner = self._static_runner(incremental_state, plain)
-        if runner is not None:
-            assert incremental_state is not None
-            return runner.step(prev_output_tokens, incremental_state), {"attn": [None], "inner_states": None}
+        """fairseq's forward; a plain generation step goes to the static step when ``--decode-step`` installed one."""
+        static_step = self._static_step
+        if static_step is not None:
+            plain = not (features_only or full_context_alignment or return_all_hiddens) and alignment_layer is None
+            logits = static_step(self, prev_output_tokens, incremental_state, plain)
+            if logits is not None:
+                return logits, {"attn": [None], "inner_states": None}
         return super().forward(prev_output_tokens, encoder_out, incremental_state, features_only,
                                full_context_alignment, alignment_layer, alignment_heads, src_lengths, return_all_hiddens)
 
     def reorder_incremental_state_scripting(self, incremental_state: IncrementalState, new_order: Tensor) -> None:
         """Beam reorder: in place in the runner's static buffers when it owns this state, else fairseq's."""
-        runner = self._runner
+        runner = self.static_runner
         if runner is not None and runner.owns(incremental_state):
             runner.reorder(incremental_state, new_order)
             return

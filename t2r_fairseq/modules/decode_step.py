@@ -13,7 +13,9 @@ positions and padding mask, the logits -- so that the whole step can be
 * ``compile_graph``: both -- the compiled step, captured.
 
 ``eager`` is fairseq's own decoder forward: the oracle every other path must equal, and what any model or call
-this module cannot take (sliding-window hybrid, softmax cross-attention, alignments, features_only) runs.
+this module cannot take (sliding-window hybrid, softmax cross-attention, alignments, features_only) runs. A T2R
+decoder carries a :class:`StaticDecodeStep` only when ``--decode-step`` resolves to another path; with ``eager`` its
+forward is fairseq's with nothing in front of it.
 
 Batch changes are index copies into the same buffers: a beam reorder ``index_select``s the live rows and copies
 them back in place; finished hypotheses (fairseq's generator shrinks the batch) move the live rows to the front.
@@ -32,7 +34,11 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from t2r_fairseq.modules.linear_multihead_attention import LinearMultiheadAttention, is_identity_order
+from t2r_fairseq.modules.linear_multihead_attention import (
+    LinearMultiheadAttention,
+    generation_step,
+    is_identity_order,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -241,11 +247,6 @@ class StaticDecodeRunner:
     def decoder(self) -> nn.Module:
         return self._decoder_ref[0]
 
-    def valid_for(self, decoder: nn.Module) -> bool:
-        """False once the decoder moved to another device or dtype (the buffers would be stale)."""
-        param = next(decoder.parameters())
-        return param.device == self.device and param.dtype == self.dtype
-
     def owns(self, incremental_state: State) -> bool:
         return incremental_state is self._owner
 
@@ -372,3 +373,46 @@ class StaticDecodeRunner:
                 rows = t[: self._live].index_select(0, new_order)
                 target.state[key][name][:live].copy_(rows)
         self._bind(incremental_state, target, live)
+
+
+class StaticDecodeStep:
+    """What a T2R decoder puts in front of fairseq's forward when ``--decode-step`` resolves to a static path.
+
+    The decoder installs one only for a mode other than ``eager`` (``auto`` already resolved for its device,
+    :func:`resolve_decode_step`), again whenever ``set_decode_step`` is called or the decoder moves to another device
+    or dtype; with ``eager`` nothing is installed and no step pays for this logic. The decoder is checked
+    (:func:`unsupported_reason`) and the :class:`StaticDecodeRunner` built once, at the first step of generation
+    (the device and dtype are final by then); a decoder the static step cannot take is refused once, with a
+    warning, and generates eagerly.
+    """
+
+    def __init__(self, mode: str) -> None:
+        if mode not in ("compile", "graph", "compile_graph"):
+            raise ValueError(f"StaticDecodeStep runs the compile/graph steps, not {mode!r}")
+        self.mode = mode
+        self.runner: Optional[StaticDecodeRunner] = None
+        self.refused: Optional[str] = None  # why the decoder cannot take the static step, once checked
+
+    def _build(self, decoder: nn.Module) -> Optional[StaticDecodeRunner]:
+        reason = unsupported_reason(decoder)
+        if reason is not None:
+            self.refused = reason
+            logger.warning("--decode-step %s: %s; generating with the eager step", self.mode, reason)
+            return None
+        self.runner = StaticDecodeRunner(decoder, self.mode)
+        return self.runner
+
+    def __call__(self, decoder: nn.Module, prev_output_tokens: Tensor, incremental_state: Optional[State],
+                 plain: bool) -> Optional[Tensor]:
+        """The logits of this call from the static buffers, or None when fairseq's forward is to run it: a call
+        that is not a step of generation (:func:`~t2r_fairseq.modules.linear_multihead_attention.generation_step`:
+        training, scoring, autograd on), one that asks for more than logits (``plain`` False: features,
+        alignments, hidden states), the first step of a generation (no recurrent state yet), a step whose layers
+        compute alignments (:func:`wants_alignment`), or a decoder the static step refused."""
+        if not plain or self.refused is not None or not generation_step(decoder, incremental_state):
+            return None
+        assert incremental_state is not None
+        runner = self.runner if self.runner is not None else self._build(decoder)
+        if runner is None or wants_alignment(decoder) or not runner.ready(incremental_state):
+            return None
+        return runner.step(prev_output_tokens, incremental_state)

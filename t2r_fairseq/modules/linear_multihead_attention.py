@@ -94,6 +94,27 @@ def _move_rows_in_place(buffer: Dict[str, Optional[Tensor]], new_order: Tensor) 
     return True
 
 
+def generation_step(module: nn.Module, incremental_state: Optional[IncrementalState]) -> bool:
+    """Whether this call of ``module`` is a step of generation: the one rule the T2R decoder, its layers and their
+    attentions read.
+
+    A step of generation is an incremental call (fairseq passes ``incremental_state``) of a module in eval mode with
+    autograd off. It is read from the call rather than from a flag set when a model is prepared, because that is
+    what every way fairseq generates has in common: ``SequenceGenerator`` calls ``model.eval()`` and runs its steps
+    under ``torch.no_grad()``; ``fairseq-generate``, ``fairseq-interactive`` and the hub interface
+    (``from_pretrained``) also call ``prepare_for_inference_`` -> ``make_generation_fast_`` (which ends in
+    ``eval()`` and sets each decoder layer's ``need_attn`` from ``--print-alignment``), but a generator built by
+    hand never does. Training, scoring (no incremental state) and a caller that differentiates through incremental
+    steps (autograd on) run fairseq's own computation.
+
+    Only in a step of generation does a T2R module depart from that computation, each for the same reason -- the
+    step's results are read once and never differentiated: the attention updates its recurrent state in place and
+    projects through its cached fused weights, the decoder may run the static step (``--decode-step``), and a
+    decoder layer computes the cross-attention weights fairseq asks for only when ``need_attn`` says they are used.
+    """
+    return incremental_state is not None and not module.training and not torch.is_grad_enabled()
+
+
 @with_incremental_state
 class LinearMultiheadAttention(nn.Module):
     """Multi-head attention with ``softmax(q k^T) v`` replaced by ``phi(q) phi(k)^T v`` (normalised).
@@ -205,15 +226,12 @@ class LinearMultiheadAttention(nn.Module):
             out += [phi(self._heads(parts[1]), False), self._heads(parts[2])]
         return out
 
-    def _owns_state(self) -> bool:
-        """Eval mode without autograd (and the fast path on): nothing saved the state for a backward pass, so
-        generation may change it in place."""
-        return self.fast_generation and not self.training and not torch.is_grad_enabled()
-
     def _generating(self, incremental_state: Optional[IncrementalState]) -> bool:
-        """Generation: incremental, eval mode, no autograd. Only there may the projection use cached fused
-        weights (nothing differentiates through them) and the state be updated in place (nothing saved it)."""
-        return incremental_state is not None and self._owns_state()
+        """A step of generation (:func:`generation_step`) with the fast path on: the projection may use the cached
+        fused weights (nothing differentiates through them) and the state may change in place (nothing saved it
+        for a backward pass). ``fast_generation = False`` keeps the training-time path (the benchmark's
+        --compare-unfused)."""
+        return self.fast_generation and generation_step(self, incremental_state)
 
     # -- the attention-source protocol (calibration, attention transfer, attention_gap) -----------
 
@@ -285,32 +303,36 @@ class LinearMultiheadAttention(nn.Module):
         if need_head_weights:
             need_weights = True
 
+        generating = self._generating(incremental_state)
         if self.encoder_decoder_attention:
-            return self._cross_attention(query, key, key_padding_mask, incremental_state, need_weights, need_head_weights)
+            return self._cross_attention(
+                query, key, key_padding_mask, incremental_state, need_weights, need_head_weights, generating
+            )
 
-        if self._generating(incremental_state) and (key is None or key is query) and (value is None or value is query):
+        if generating and (key is None or key is query) and (value is None or value is query):
             phi_q, phi_k, v = self._fused_inputs(query, "qkv")
         else:
             phi_q = self._phi_q(query)
             phi_k = self._phi_k(query if key is None else key)
             v = self._heads(self.v_proj(query if value is None else value))
         if self.causal and incremental_state is not None:
-            out = self._causal_incremental(phi_q, phi_k, v, key_padding_mask, incremental_state)
+            out = self._causal_incremental(phi_q, phi_k, v, key_padding_mask, incremental_state, inplace=generating)
         else:
             out = self._mix(phi_q, phi_k, v, key_padding_mask)
         return self.out_proj(self._merge(out)), None
 
     def _causal_incremental(
-        self, phi_q: Tensor, phi_k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], incremental_state: IncrementalState
+        self, phi_q: Tensor, phi_k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
+        incremental_state: IncrementalState, inplace: bool = False,
     ) -> Tensor:
-        """Advance the recurrent state by the new position(s); cost independent of the prefix."""
+        """Advance the recurrent state by the new position(s); cost independent of the prefix. ``inplace``: the
+        state is this step's own (a step of generation) and is updated where it lies."""
         buffer = self._get_input_buffer(incremental_state)
         state = LinearAttentionState(buffer["S"], buffer["z"]) if "S" in buffer else None
         if phi_q.size(2) == 1:
             step_mask = key_padding_mask[:, -1] if key_padding_mask is not None else None
             out, state = linear_attention_step(
-                phi_q[:, :, 0], phi_k[:, :, 0], v[:, :, 0], state, step_mask, self.options.eps,
-                inplace=self._generating(incremental_state),
+                phi_q[:, :, 0], phi_k[:, :, 0], v[:, :, 0], state, step_mask, self.options.eps, inplace=inplace,
             )
             out = out.unsqueeze(2)
         else:  # several new positions at once (e.g. a prompt): parallel form, then carry on
@@ -359,14 +381,16 @@ class LinearMultiheadAttention(nn.Module):
         incremental_state: Optional[IncrementalState],
         need_weights: bool,
         need_head_weights: bool,
+        generating: bool = False,
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """Read out a source that is encoded once per source (sentence, in beam search) and cached.
 
         The cache is the summary ``(S, z)`` or, where the source is short enough for that to be cheaper to
         read, ``phi(k)`` and ``v`` themselves (:func:`~t2r_fairseq.ops.linear_attention.source_readout_cost`).
+        ``generating``: a step of generation, whose query goes through the fused projection.
         """
         buffer = self._get_input_buffer(incremental_state) if incremental_state is not None else {}
-        phi_q = self._fused_inputs(query, "q")[0] if self._generating(incremental_state) else self._phi_q(query)
+        phi_q = self._fused_inputs(query, "q")[0] if generating else self._phi_q(query)
         if "S" not in buffer and "v" not in buffer:
             if key is None:
                 raise ValueError("encoder-decoder attention needs the encoder output as key on its first call")
@@ -466,7 +490,7 @@ class LinearMultiheadAttention(nn.Module):
             new_order = new_order.view(-1, group)[:, 0] // group
         elif _is_identity(new_order, buffer):
             return incremental_state
-        elif self._owns_state() and _move_rows_in_place(buffer, new_order):
+        elif self._generating(incremental_state) and _move_rows_in_place(buffer, new_order):
             return incremental_state
         for name, value in buffer.items():
             if value is not None:
