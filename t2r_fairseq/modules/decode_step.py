@@ -34,11 +34,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from t2r_fairseq.modules.linear_multihead_attention import (
-    LinearMultiheadAttention,
-    generation_step,
-    is_identity_order,
-)
+from t2r_fairseq.modules.linear_multihead_attention import generation_step, is_identity_order
 
 logger = logging.getLogger(__name__)
 
@@ -114,12 +110,13 @@ def stateful_attentions(decoder: nn.Module) -> List[nn.Module]:
 def unsupported_reason(decoder: nn.Module) -> Optional[str]:
     """Why this decoder's step cannot run on static buffers, or None when it can.
 
-    Static buffers need a state whose shape does not grow: every stateful module must be a plain
-    :class:`~t2r_fairseq.modules.linear_multihead_attention.LinearMultiheadAttention` (the sliding-window hybrid's
-    ring buffer and fairseq's softmax KV cache are not). Alignments are checked per call (:func:`wants_alignment`).
+    Static buffers need a state whose shape does not grow, advanced in place: every stateful module must declare
+    ``supports_static_decode`` (:class:`~t2r_fairseq.modules.linear_multihead_attention.LinearMultiheadAttention`
+    and the subclasses that keep it; the sliding-window hybrid's ring buffer opts out, and fairseq's softmax KV
+    cache, which does not declare it, grows). Alignments are checked per call (:func:`wants_alignment`).
     """
     for module in stateful_attentions(decoder):
-        if type(module) is not LinearMultiheadAttention:
+        if not getattr(module, "supports_static_decode", False):
             return f"{type(module).__name__} keeps a state that grows or shifts ({module.__class__.__module__})"
     return None
 

@@ -129,6 +129,10 @@ class LinearMultiheadAttention(nn.Module):
     # Generation folds the feature map's affine prefix into the q/k projection; subclasses that need the raw
     # q and k at generation (the sliding-window hybrid) turn this off.
     fold_feature_map: bool = True
+    # Generation's static step (modules.decode_step, --decode-step other than eager) may run this module: its
+    # incremental state is the constant-size (S, z) it advances in place. A subclass inherits the static step; one
+    # whose state grows or shifts, or whose generation step is not this class's, sets this False.
+    supports_static_decode: bool = True
 
     def __init__(
         self,

@@ -53,6 +53,7 @@ class SlidingWindowAttention(LinearMultiheadAttention):
     """Hybrid sliding-window + linear causal self-attention (``window >= 1``; ``0`` is the plain parent)."""
 
     fold_feature_map = False  # the window scores need raw q and k at generation
+    supports_static_decode = False  # the ring buffer of the window's keys and values shifts at every step
 
     def __init__(
         self,
