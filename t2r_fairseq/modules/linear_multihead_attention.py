@@ -76,6 +76,13 @@ def _is_identity(order: Tensor, buffer: Dict[str, Optional[Tensor]]) -> bool:
     return size is not None and is_identity_order(order, size)
 
 
+def hypotheses_per_row(buffer: Dict[str, Optional[Tensor]]) -> int:
+    """Hypotheses each row of a layer's cached state serves: the beam when a source state is kept once per
+    sentence (its ``group`` entry, ``[sentences, beam]``), else 1."""
+    group = buffer.get("group")
+    return group.size(1) if group is not None else 1
+
+
 def _move_rows_in_place(buffer: Dict[str, Optional[Tensor]], new_order: Tensor) -> bool:
     """Reorder the buffer's tensors in place by copying only the rows that move; False if the batch size changes.
 
@@ -415,8 +422,7 @@ class LinearMultiheadAttention(nn.Module):
             if phi_k is None:
                 if key is None:
                     raise ValueError("attention weights were requested but no encoder output was given")
-                rows = next(t.size(0) for t in buffer.values() if t is not None)
-                phi_k = self._phi_k(key[:, :: query.size(1) // rows])
+                phi_k = self._phi_k(key[:, :: hypotheses_per_row(buffer)])  # the encoder output of each cache row
                 buffer = {**buffer, "phi_k": phi_k}
                 if incremental_state is not None:
                     self._set_input_buffer(incremental_state, buffer)
@@ -449,9 +455,8 @@ class LinearMultiheadAttention(nn.Module):
             buffer = {"S": state.S, "z": state.z}
             if keep_keys:
                 buffer["phi_k"] = masked_keys(phi_k, source_mask)
-        if group > 1:
-            rows = next(t.size(0) for t in buffer.values() if t is not None)
-            buffer["group"] = phi_k.new_empty((rows, group), dtype=torch.bool)
+        if group > 1:  # one row per source sentence: source.size(1) rows
+            buffer["group"] = phi_k.new_empty((source.size(1), group), dtype=torch.bool)
         if incremental_state is not None:
             self._set_input_buffer(incremental_state, buffer)
         return buffer
@@ -481,7 +486,7 @@ class LinearMultiheadAttention(nn.Module):
         buffer = self._get_input_buffer(incremental_state)
         if not buffer:
             return incremental_state
-        group = buffer["group"].size(1) if buffer.get("group") is not None else 1
+        group = hypotheses_per_row(buffer)
         if group > 1:
             rows = buffer["group"].size(0)
             if rows * group == new_order.numel():
