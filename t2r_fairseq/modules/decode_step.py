@@ -65,11 +65,16 @@ def decoder_step(
 ) -> Tensor:
     """One incremental step of a fairseq ``TransformerDecoder`` from static inputs: logits ``[B, 1, V]``.
 
-    Exactly fairseq's ``extract_features_scriptable`` + ``output_layer`` for one new token, with what varies
-    from step to step passed in as tensors: ``tokens [B, 1]`` (the newest token), ``positions [B, 1, C]`` (its
-    positional embedding, computed by fairseq's own module outside), ``padding_mask [B, 1]`` (always passed; an
-    all-False mask is fairseq's ``None``). ``encoder_out`` only has to be non-None for the layers to run their
-    encoder-decoder attention, which reads its cached source state and never the encoder output again.
+    A copy of fairseq 0.12's ``TransformerDecoderBase.forward`` -> ``extract_features_scriptable`` ->
+    ``output_layer`` for one new token, cut to what a plain generation step computes, so that the step reads no
+    Python value that changes from step to step (what a compiled or captured step needs). What varies is passed in
+    as tensors: ``tokens [B, 1]`` (the newest token), ``positions [B, 1, C]`` (its positional embedding, from
+    fairseq's own module outside), ``padding_mask [B, 1]`` (always passed; an all-False mask is what fairseq's
+    ``None`` means). Left out, because a generation step never uses them: the future mask (incremental calls pass
+    none), alignments and ``inner_states`` (the static step serves only calls that ask for neither), and the
+    encoder output and its padding mask (the encoder-decoder attention reads its cached source state after the
+    first step; ``encoder_out`` only has to be non-None for the layers to call it). tests/test_generation_mode.py
+    fails when fairseq's functions differ from the ones this copies.
     """
     x = decoder.embed_scale * decoder.embed_tokens(tokens)
     if decoder.quant_noise is not None:
@@ -80,7 +85,8 @@ def decoder_step(
         x = x + positions
     if decoder.layernorm_embedding is not None:
         x = decoder.layernorm_embedding(x)
-    x = decoder.dropout_module(x).transpose(0, 1)
+    x = decoder.dropout_module(x)
+    x = x.transpose(0, 1)
     for layer in decoder.layers:
         x, _, _ = layer(x, encoder_out, None, state, self_attn_mask=None, self_attn_padding_mask=padding_mask,
                         need_attn=False, need_head_weights=False)
