@@ -46,7 +46,7 @@ if [[ ${GPU_CHECK_DRY:-0} == 1 ]]; then
   LM_BIG=(--tiny --layers 2 --dim 32 --heads 4 --batches 2 --contexts 32) MT_BIG=("${LM_BIG[@]}" --mt-source-length 16)
   TRAIN=(--tiny --train-lengths 64)
 else
-  DEV=(--device cuda --dtype bfloat16 --threads 0) GEN=(--bf16) GEN_LIMIT=60
+  DEV=(--device cuda --dtype bfloat16 --threads 0) GEN=(--bf16) GEN_LIMIT=100
   GRID=(--batches 1,16,64,256 --contexts 256,1024,8192 --memory-budget-gib 16 --budget-contexts 2048,8192)
   LM_BIG=(--layers 16 --dim 1024 --heads 8 --batches 16,64 --contexts 1024,8192)
   MT_BIG=(--layers 6 --dim 1024 --heads 16 --batches 16,64 --contexts 1024,8192 --mt-source-length 1024)
@@ -60,7 +60,7 @@ stage bench_lm_wt103 45 "${BENCH[@]}" --out "$DIR/bench-lm-wt103" --tasks lm "${
 stage bench_mt_big 45 "${BENCH[@]}" --out "$DIR/bench-mt-big" --tasks mt "${MT_BIG[@]}"
 stage bench_train 45 "$PY" -m t2r_fairseq.bench "${DEV[@]}" --skip decode --out "$DIR/bench-train" --topk-k 0 "${TRAIN[@]}"
 if [[ -f gpu-pack/teacher.pt && -f gpu-pack/t2r.pt ]]; then
-  stage generate "$GEN_LIMIT" env DECODE_PATHS=graph bash scripts/generate_speed.sh gpu-pack/data-bin gpu-pack/teacher.pt gpu-pack/t2r.pt \
+  stage generate "$GEN_LIMIT" env DECODE_PATHS=graph REPS=2 bash scripts/generate_speed.sh gpu-pack/data-bin gpu-pack/teacher.pt gpu-pack/t2r.pt \
     "$DIR/generate" "${GEN[@]}"
 else
   say "generate: skipped (no gpu-pack/; run scripts/gpu_pack.sh first)"

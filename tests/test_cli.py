@@ -280,3 +280,58 @@ def test_mt_speed_script_writes_every_row(work, mt_t2r, tmp_path):
         assert ("attention-free bound" in section) == section.startswith("long outputs")  # only where lengths are forced
     assert "| 13.0 |" in sections[2]  # forced: 12 tokens and EOS
     assert proc.stdout.startswith("### sentences, beam 4")
+
+
+def _study(tmp_path: Path, kind: str, work: Path, rows: dict) -> Path:
+    """A study directory as recipes/accuracy_study.sh leaves it: data-bin, checkpoints and evaluation logs.
+    ``rows``: ROW -> (checkpoint, point, {subset: value})."""
+    study = tmp_path / f"study-{kind}"
+    (study / "data-bin").mkdir(parents=True)
+    (study / "data-bin" / kind).symlink_to(work / f"bin-{kind}")
+    (study / "eval").mkdir()
+    for row, (checkpoint, point, values) in rows.items():
+        name = "checkpoint_best.pt" if row == "teacher" else f"checkpoint_1_{point}.pt"
+        folder = study / "checkpoints" / f"{row}.{kind}"
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / name).exists():
+            (folder / name).symlink_to(checkpoint)
+        for subset, value in values.items():
+            line = (f"Perplexity: {value}" if kind == "lm"
+                    else f"sacreBLEU = {value} (60 sentences) signature: nrefs:1|case:mixed|tok:13a|v:2")
+            (study / "eval" / f"{row}.{kind}.{point}.{subset}.log").write_text(line + "\n")
+    return study
+
+
+def test_tradeoff_reads_the_study_and_times_its_rows(work, mt_t2r, lm_t2r, tmp_path, capsys):
+    """tools.tradeoff: quality is the mean over a row's seeds at the end of its budget, speed and state are measured
+    on the row's checkpoint in the same run as the teacher's (the first row, ratio 1.00x)."""
+    from t2r_fairseq.tools import tradeoff
+
+    teacher, t2r = work / "mt-teacher" / "checkpoint_last.pt", work / "mt-t2r" / "checkpoint_last.pt"
+    study = _study(tmp_path, "mt", work, {"teacher": (teacher, 0, {"test": 30.0, "valid": 31.0}),
+                                          "t2r": (t2r, 8, {"test": 28.0, "valid": 29.5}),
+                                          "t2r_s2": (t2r, 8, {"test": 29.0, "valid": 30.5})})
+    tradeoff.main([str(study), "--task", "mt", "--reps", "1", "--batch-size", "8", "--max-batches", "2"])
+    text = (study / "tradeoff_mt.md").read_text()
+    rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]] for l in text.splitlines()
+            if l.startswith("| t")}
+    assert list(rows) == ["teacher", "t2r"]  # the seed variant is folded into its row
+    # seeds, updates, BLEU test_2016 (the plotted subset first), BLEU val, sentences/s, ratio, state
+    assert rows["t2r"][:4] == ["2", "8", "28.50", "30.00"] and rows["teacher"][:4] == ["1", "0", "30.00", "31.00"]
+    assert rows["teacher"][5] == "1.00x" and float(rows["t2r"][4]) > 0
+    assert all(r[6].endswith("KiB") or r[6].endswith("MiB") for r in rows.values())
+    assert (study / "tradeoff_mt.png").stat().st_size > 1000
+    assert "Command: `python -m t2r_fairseq.tools.tradeoff" in text
+
+    lm = _study(tmp_path, "lm", work, {"teacher": (work / "lm-teacher" / "checkpoint_last.pt", 0, {"test": 60.0}),
+                                       "t2r": (work / "lm-t2r" / "checkpoint_last.pt", 20, {"test": 58.0})})
+    tradeoff.main([str(lm), "--task", "lm", "--reps", "1", "--contexts", "32,96", "--name", "lm"])
+    lines = [l for l in (lm / "lm.md").read_text().splitlines() if l.startswith("| t")]
+    assert [l.split("|")[1].strip() for l in lines] == ["teacher", "t2r"]
+    assert "tokens/s (context 32)" in (lm / "lm.md").read_text() and "tokens/s (context 96)" in (lm / "lm.md").read_text()
+    capsys.readouterr()
+
+    # seeds of one row evaluated at different budgets are refused, in one line naming the row
+    (study / "eval" / "t2r_s2.mt.16.test.log").write_text("sacreBLEU = 1.0 (60 sentences) signature: nrefs:1\n")
+    with pytest.raises(SystemExit, match="the seeds of 't2r' end at different update counts"):
+        tradeoff.main([str(study), "--task", "mt"])
