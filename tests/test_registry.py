@@ -131,7 +131,21 @@ def test_encoder_attention_choices_and_default(name: str) -> None:
 
 
 # Old import path -> new one; both must be the very same module object.
-MOVED: Dict[str, str] = {}
+MOVED: Dict[str, str] = {
+    "t2r_fairseq.ops.shatter": "t2r_fairseq.shatter.ops",
+    "t2r_fairseq.modules.shatter_attention": "t2r_fairseq.shatter.attention",
+    "t2r_fairseq.models.shatter_config": "t2r_fairseq.shatter.config",
+    "t2r_fairseq.models.shatter_layers": "t2r_fairseq.shatter.layers",
+    "t2r_fairseq.models.shatter_transformer": "t2r_fairseq.shatter.transformer",
+    "t2r_fairseq.models.shatter_roberta": "t2r_fairseq.shatter.roberta",
+    "t2r_fairseq.ops.topk_attention": "t2r_fairseq.topk.ops",
+    "t2r_fairseq.modules.topk_multihead_attention": "t2r_fairseq.topk.multihead_attention",
+    "t2r_fairseq.modules.topk_feed_forward": "t2r_fairseq.topk.feed_forward",
+    "t2r_fairseq.models.topk_config": "t2r_fairseq.topk.config",
+    "t2r_fairseq.models.topk_layers": "t2r_fairseq.topk.layers",
+    "t2r_fairseq.models.topk_transformer": "t2r_fairseq.topk.transformer",
+    "t2r_fairseq.models.topk_transformer_lm": "t2r_fairseq.topk.transformer_lm",
+}
 
 
 @pytest.mark.parametrize("old", sorted(MOVED))
@@ -141,3 +155,36 @@ def test_old_import_paths_are_the_same_modules(old: str) -> None:
     parent, _, leaf = old.rpartition(".")
     assert getattr(importlib.import_module(parent), leaf) is new
 
+
+
+def _plugin_imports(path) -> Set[str]:  # noqa: ANN001
+    """The ``t2r_fairseq.X`` packages (or top-level modules) that one source file imports."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+            [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+        found |= {n.split(".")[1] for n in names if n.startswith("t2r_fairseq.")}
+    return found
+
+
+# What each layer may import of the plugin: the house is one-way, ops -> modules -> models / conversion, and the
+# attention families (topk, shatter) sit above models, which reach them only through registries they fill.
+ALLOWED = {
+    "ops": {"ops"},
+    "modules": {"ops", "modules"},
+    "models": {"ops", "modules", "models", "conversion"},
+    "conversion": {"ops", "modules", "conversion"},
+    "topk": {"ops", "modules", "models", "topk"},
+    "shatter": {"ops", "modules", "models", "shatter"},
+}
+
+
+@pytest.mark.parametrize("layer", sorted(ALLOWED))
+def test_layers_import_only_downwards(layer: str) -> None:
+    from pathlib import Path
+
+    root = Path(t2r_fairseq.__file__).parent
+    for path in sorted((root / layer).rglob("*.py")):
+        assert _plugin_imports(path) <= ALLOWED[layer], (path.name, sorted(_plugin_imports(path) - ALLOWED[layer]))

@@ -26,11 +26,11 @@ def test_old_import_paths_are_the_same_modules(name: str) -> None:
     assert getattr(t2r_fairseq, name) is new
 
 
-def test_the_top_level_holds_only_the_package_entry_and_the_shared_device_check() -> None:
+def test_the_top_level_holds_only_the_package_entry_the_registry_and_the_shared_device_check() -> None:
     from pathlib import Path
 
     loose = sorted(p.name for p in Path(t2r_fairseq.__file__).parent.glob("*.py"))
-    assert loose == ["__init__.py", "devices.py"], loose
+    assert loose == ["__init__.py", "devices.py", "registry.py"], loose
 
 
 _PROBE = """

@@ -124,7 +124,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--chunk-size", type=int, default=64)
     g.add_argument("--chunk-sweep", type=_ints, default=_ints("16,32,64,128,256"))
     g.add_argument("--naive-max-length", type=int, default=2048, help="skip the O(L^2) form above this length")
-    # Top-k attention (Gupta et al. 2021): the chunked op of t2r_fairseq.ops.topk_attention.
+    # Top-k attention (Gupta et al. 2021): the chunked op of t2r_fairseq.topk.ops.
     g.add_argument("--topk-k", type=int, default=32, help="also time chunked top-k attention with this k (0: skip)")
     g.add_argument("--topk-query-chunk", type=int, default=256, help="top-k attention's query chunk")
     g.add_argument("--topk-decode-k", type=int, default=0,

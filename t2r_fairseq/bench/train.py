@@ -15,7 +15,7 @@ Variants, on the same ``q, k, v: [B, H, L, d]``:
   :mod:`t2r_fairseq.ops.fla_backend`).
 
 With ``--topk-k k`` (default 32; 0 skips it) also ``topk_k<k>``: chunked top-k
-softmax attention (Gupta et al. 2021, :func:`t2r_fairseq.ops.topk_attention.topk_attention`),
+softmax attention (Gupta et al. 2021, :func:`t2r_fairseq.topk.ops.topk_attention`),
 ``--topk-query-chunk`` queries at a time.
 
 Memory: on the CPU, the bytes autograd saves for backward (what grows with L in
@@ -69,7 +69,7 @@ def _variants(cfg: argparse.Namespace, fmap: torch.nn.Module, device: torch.devi
         variants["fla_chunk"] = lambda q, k, v: causal_linear_attention(
             fmap(q, True), fmap(k, False), v, backend="fla")[0]
     if getattr(cfg, "topk_k", 0):  # top-k attention: keep cfg.topk_k keys per query, query chunks of topk_query_chunk
-        from t2r_fairseq.ops.topk_attention import topk_attention
+        from t2r_fairseq.topk.ops import topk_attention
 
         variants[f"topk_k{cfg.topk_k}"] = lambda q, k, v: topk_attention(
             q * q.size(-1) ** -0.5, k, v, cfg.topk_k, causal=True, query_chunk=cfg.topk_query_chunk)[0]

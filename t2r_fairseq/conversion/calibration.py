@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from t2r_fairseq.modules.attention_source import LayerAttention
 from t2r_fairseq.modules.call_inputs import on_call
 from t2r_fairseq.modules.linear_multihead_attention import LinearMultiheadAttention
+from t2r_fairseq.modules.replaced_attention import attention_modules
 from t2r_fairseq.modules.softmax_teacher import SoftmaxAttentionTeacher, teacher_forward
 from t2r_fairseq.ops.attention_transfer import attention_entropy, attention_kl
 from t2r_fairseq.conversion.swap import NEW_TENSOR_PATTERN
@@ -77,7 +78,7 @@ class LayerCalibration:
 
 def swapped_attentions(model: nn.Module) -> List[Tuple[str, LinearMultiheadAttention]]:
     """``(name, module)`` of every swapped attention of ``model``, in module order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LinearMultiheadAttention)]
+    return attention_modules(model, LinearMultiheadAttention)  # type: ignore[return-value]
 
 
 @dataclass

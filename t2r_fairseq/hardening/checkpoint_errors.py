@@ -6,8 +6,8 @@ copy as a zip error without a path, a malicious pickle with torch's advice to re
 ``weights_only=False`` (which would run it), a directory passed to ``--finetune-from-model`` as a run that
 silently trains from scratch, another dictionary as a multi-line ``size mismatch`` list, and our own
 :class:`~t2r_fairseq.conversion.swap.SwapError` buried under ``Cannot load model parameters from checkpoint``. Each
-function here patches one fairseq entry point (once, :func:`t2r_fairseq.hardening.patching.patch_once`) so that the
-last line the user sees says what the file is and what to do.
+wrapper here is applied to one fairseq entry point (once, by the plugin's patch table, :mod:`t2r_fairseq.registry`)
+so that the last line the user sees says what the file is and what to do.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from typing import Any, Callable, List
 import torch
 
 from t2r_fairseq.hardening.fairseq_compat import SAFE_FAIRSEQ_GLOBALS
-from t2r_fairseq.hardening.patching import patch_once
 
 
 class CheckpointReadError(RuntimeError):
@@ -173,62 +172,60 @@ class _SafeLoadingTorch(types.ModuleType):
         return torch.load(f, *args, **kwargs)
 
 
-def name_path_in_checkpoint_errors() -> None:
-    """Make fairseq's checkpoint reader load safely and say, in one line naming the file, why a file is unreadable.
+def safe_loading_torch(original: Any) -> types.ModuleType:
+    """``fairseq.checkpoint_utils.torch``: torch whose ``load`` always loads safely (:class:`_SafeLoadingTorch`).
+
+    Replaced outright, not wrapped (it is a module): fairseq_compat refuses, at import, a torch too old to load
+    fairseq's configs safely, so safe loading is always possible.
+    """
+    return _SafeLoadingTorch("torch")
+
+
+def name_the_file(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``fairseq.checkpoint_utils.load_checkpoint_to_cpu``: say, in one line naming the file, why it is unreadable.
 
     A foreign or truncated file otherwise surfaces as a bare ``IndexError`` or
     ``UnpicklingError`` from deep inside torch, with no path, or with torch's
     advice to retry with ``weights_only=False`` (which runs a malicious file's
-    code). We wrap ``fairseq.checkpoint_utils.load_checkpoint_to_cpu`` (looked
-    up through the module by the trainer, ``load_model_ensemble`` and the hub);
-    the error is raised ``from None`` so torch's advice is not printed, and the
-    line keeps what the file is (:func:`describe_unreadable_checkpoint`).
+    code). The function is looked up through the module by the trainer,
+    ``load_model_ensemble`` and the hub; the error is raised ``from None`` so
+    torch's advice is not printed, and the line keeps what the file is
+    (:func:`describe_unreadable_checkpoint`).
     """
-    from fairseq import checkpoint_utils
 
-    # Unconditional: fairseq_compat refuses, at import, a torch too old to load fairseq's configs safely.
-    checkpoint_utils.torch = _SafeLoadingTorch("torch")  # type: ignore[attr-defined]
-
-    def name_the_file(original: Callable[..., Any]) -> Callable[..., Any]:
-        def load_checkpoint_to_cpu(path: str, *args: Any, **kwargs: Any) -> Any:
-            try:
-                return original(path, *args, **kwargs)
-            except FileNotFoundError:
+    def load_checkpoint_to_cpu(path: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(path, *args, **kwargs)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            if not os.path.exists(path):
                 raise
-            except Exception as exc:
-                if not os.path.exists(path):
-                    raise
-                raise CheckpointReadError(describe_unreadable_checkpoint(path, exc)) from None
+            raise CheckpointReadError(describe_unreadable_checkpoint(path, exc)) from None
 
-        return load_checkpoint_to_cpu
-
-    patch_once(checkpoint_utils, "load_checkpoint_to_cpu", name_the_file)
+    return load_checkpoint_to_cpu
 
 
-def refuse_directories_as_checkpoints() -> None:
-    """Make ``--finetune-from-model DIR`` / ``--restore-file DIR`` an error instead of training from scratch.
+def refuse_directories(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``fairseq.checkpoint_utils.load_checkpoint``: ``--finetune-from-model DIR`` / ``--restore-file DIR`` is
+    an error instead of training from scratch.
 
     fairseq checks ``--finetune-from-model`` with ``exists`` (true for a
     directory), and the trainer then finds no *file* there, logs "No existing
     checkpoint found" and starts from random weights: a finetuning run that
-    silently is not one. We wrap ``fairseq.checkpoint_utils.load_checkpoint``
-    (called through the module by ``fairseq-train``).
+    silently is not one. ``fairseq-train`` calls the function through the module.
     """
-    from fairseq import checkpoint_utils
 
-    def refuse_directories(original: Callable[..., Any]) -> Callable[..., Any]:
-        def load_checkpoint(cfg: Any, trainer: Any, **passthrough_args: Any) -> Any:
-            for path in (getattr(cfg, "finetune_from_model", None), getattr(cfg, "restore_file", None)):
-                if path and os.path.isdir(path):
-                    raise CheckpointReadError(
-                        f"cannot read checkpoint {path}: it is a directory -- pass the checkpoint file inside it "
-                        "(checkpoint_*.pt)"
-                    )
-            return original(cfg, trainer, **passthrough_args)
+    def load_checkpoint(cfg: Any, trainer: Any, **passthrough_args: Any) -> Any:
+        for path in (getattr(cfg, "finetune_from_model", None), getattr(cfg, "restore_file", None)):
+            if path and os.path.isdir(path):
+                raise CheckpointReadError(
+                    f"cannot read checkpoint {path}: it is a directory -- pass the checkpoint file inside it "
+                    "(checkpoint_*.pt)"
+                )
+        return original(cfg, trainer, **passthrough_args)
 
-        return load_checkpoint
-
-    patch_once(checkpoint_utils, "load_checkpoint", refuse_directories)
+    return load_checkpoint
 
 
 class DictionaryMismatchError(ValueError):
@@ -238,81 +235,74 @@ class DictionaryMismatchError(ValueError):
 _VOCABULARY_TENSOR = re.compile(r"(^|\.)(embed_tokens\.weight|output_projection\.weight)$")
 
 
-def name_dictionary_in_vocabulary_mismatches() -> None:
-    """Say "the dictionary does not match" instead of torch's multi-line ``size mismatch`` list.
+def check_vocabulary(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``BaseFairseqModel.load_state_dict``: say "the dictionary does not match" instead of torch's multi-line
+    ``size mismatch`` list.
 
     ``fairseq-generate`` / ``fairseq-eval-lm`` build the model from the data
     directory's ``dict*.txt`` and then load the checkpoint; with another
     dictionary the embeddings differ in their first dimension only. T2R models
     say so in their own loader (:mod:`t2r_fairseq.conversion.swap`); this covers fairseq's
-    models (the softmax teachers, the top-k models), wrapping
-    ``BaseFairseqModel.load_state_dict`` and, to name the data directory,
-    ``checkpoint_utils.load_model_ensemble_and_task``.
+    models (the softmax teachers, the top-k models). :func:`name_data_directory` adds the data directory.
     """
-    from fairseq import checkpoint_utils
-    from fairseq.models import BaseFairseqModel
 
-    def check_vocabulary(original: Callable[..., Any]) -> Callable[..., Any]:
-        def load_state_dict(self: Any, state_dict: Any, *args: Any, **kwargs: Any) -> Any:
-            own = self.state_dict()
-            for name, tensor in state_dict.items():
-                mine = own.get(name)
-                if (_VOCABULARY_TENSOR.search(name) and mine is not None and tensor.dim() == mine.dim() == 2
-                        and tensor.shape[1:] == mine.shape[1:] and tensor.shape[0] != mine.shape[0]):
-                    raise DictionaryMismatchError(
-                        f"the checkpoint's vocabulary has {tensor.shape[0]} entries ({name}) but this model's "
-                        f"dictionary has {mine.shape[0]}: the dictionary is not the one the checkpoint was trained "
-                        "with -- use the data directory (dict*.txt) it was trained with"
-                    )
-            return original(self, state_dict, *args, **kwargs)
+    def load_state_dict(self: Any, state_dict: Any, *args: Any, **kwargs: Any) -> Any:
+        own = self.state_dict()
+        for name, tensor in state_dict.items():
+            mine = own.get(name)
+            if (_VOCABULARY_TENSOR.search(name) and mine is not None and tensor.dim() == mine.dim() == 2
+                    and tensor.shape[1:] == mine.shape[1:] and tensor.shape[0] != mine.shape[0]):
+                raise DictionaryMismatchError(
+                    f"the checkpoint's vocabulary has {tensor.shape[0]} entries ({name}) but this model's "
+                    f"dictionary has {mine.shape[0]}: the dictionary is not the one the checkpoint was trained "
+                    "with -- use the data directory (dict*.txt) it was trained with"
+                )
+        return original(self, state_dict, *args, **kwargs)
 
-        return load_state_dict
-
-    def name_data_directory(original: Callable[..., Any]) -> Callable[..., Any]:
-        def load_model_ensemble_and_task(filenames: Any, *args: Any, **kwargs: Any) -> Any:
-            try:
-                return original(filenames, *args, **kwargs)
-            except DictionaryMismatchError as exc:
-                task = kwargs.get("task", args[1] if len(args) > 1 else None)
-                data = (getattr(getattr(task, "cfg", None), "data", None)
-                        or getattr(getattr(task, "args", None), "data", None))
-                where = f"checkpoint {', '.join(map(str, filenames))}" + (f" with data directory {data}" if data else "")
-                raise DictionaryMismatchError(f"{where}: {exc}") from None
-
-        return load_model_ensemble_and_task
-
-    patch_once(BaseFairseqModel, "load_state_dict", check_vocabulary)
-    patch_once(checkpoint_utils, "load_model_ensemble_and_task", name_data_directory)
+    return load_state_dict
 
 
-def surface_swap_errors_in_trainer() -> None:
-    """Let a :class:`~t2r_fairseq.conversion.swap.SwapError` be the last line ``fairseq-train`` prints.
+def name_data_directory(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``checkpoint_utils.load_model_ensemble_and_task``: a :class:`DictionaryMismatchError` names the
+    checkpoint and the data directory whose dictionary does not fit it."""
+
+    def load_model_ensemble_and_task(filenames: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(filenames, *args, **kwargs)
+        except DictionaryMismatchError as exc:
+            task = kwargs.get("task", args[1] if len(args) > 1 else None)
+            data = (getattr(getattr(task, "cfg", None), "data", None)
+                    or getattr(getattr(task, "args", None), "data", None))
+            where = f"checkpoint {', '.join(map(str, filenames))}" + (f" with data directory {data}" if data else "")
+            raise DictionaryMismatchError(f"{where}: {exc}") from None
+
+    return load_model_ensemble_and_task
+
+
+def surface(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``Trainer.load_checkpoint``: a :class:`~t2r_fairseq.conversion.swap.SwapError` is the last line
+    ``fairseq-train`` prints.
 
     fairseq's ``Trainer.load_checkpoint`` turns any error of the model's load
     into ``Exception: Cannot load model parameters from checkpoint ...; please
     ensure that the architectures match``, so the line that names the cause and
-    the fix ends up ~20 lines above the end of a chained traceback. We wrap the
-    method: when the error it raises was caused by a ``SwapError``, that
-    error is re-raised alone (``from None``, its own traceback kept), with the
-    checkpoint's path in place of the ``CHECKPOINT`` placeholder of its hints.
-    Any other error passes through unchanged.
+    the fix ends up ~20 lines above the end of a chained traceback. When the
+    error it raises was caused by a ``SwapError``, that error is re-raised alone
+    (``from None``, its own traceback kept), with the checkpoint's path in place
+    of the ``CHECKPOINT`` placeholder of its hints. Any other error passes
+    through unchanged.
     """
-    from fairseq.trainer import Trainer
-
     from t2r_fairseq.conversion.swap import SwapError
 
-    def surface(original: Callable[..., Any]) -> Callable[..., Any]:
-        def load_checkpoint(self: Any, filename: str, *args: Any, **kwargs: Any) -> Any:
-            try:
-                return original(self, filename, *args, **kwargs)
-            except Exception as exc:
-                cause: Any = exc
-                while cause is not None and not isinstance(cause, SwapError):
-                    cause = cause.__cause__ or cause.__context__
-                if cause is None:
-                    raise
-                raise cause.for_checkpoint(filename).with_traceback(cause.__traceback__) from None
+    def load_checkpoint(self: Any, filename: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(self, filename, *args, **kwargs)
+        except Exception as exc:
+            cause: Any = exc
+            while cause is not None and not isinstance(cause, SwapError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            raise cause.for_checkpoint(filename).with_traceback(cause.__traceback__) from None
 
-        return load_checkpoint
-
-    patch_once(Trainer, "load_checkpoint", surface)
+    return load_checkpoint

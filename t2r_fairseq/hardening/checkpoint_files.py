@@ -7,7 +7,7 @@ destination. A job killed during that copy (``kill -9``, a Slurm time limit, a p
 truncated ``checkpoint_last.pt``, and the next run, which resumes from exactly that file, fails to read it
 although a complete checkpoint of the same update lies beside it.
 
-:func:`make_checkpoint_copies_atomic` makes fairseq's local-file copy write ``DEST.tmp`` and rename it over
+:func:`atomic_for_local_files` makes fairseq's local-file copy write ``DEST.tmp`` and rename it over
 ``DEST`` (``os.replace`` is atomic on POSIX file systems), so a killed copy leaves the previous
 ``checkpoint_last.pt`` intact and the run resumes from the previous save. Remote paths (ioPath handlers) keep
 fairseq's behaviour.
@@ -19,7 +19,6 @@ import os
 import shutil
 from typing import Any, Callable
 
-from t2r_fairseq.hardening.patching import patch_once
 
 
 def atomic_copy(src_path: str, dst_path: str) -> bool:
@@ -35,16 +34,14 @@ def atomic_copy(src_path: str, dst_path: str) -> bool:
     return True
 
 
-def make_checkpoint_copies_atomic() -> None:
-    """Patch ``fairseq.file_io.PathManager.copy`` (used by ``checkpoint_utils.save_checkpoint``) once."""
+def atomic_for_local_files(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``fairseq.file_io.PathManager.copy`` (used by ``checkpoint_utils.save_checkpoint``): local copies are
+    :func:`atomic_copy`, remote ones fairseq's."""
     from fairseq.file_io import PathManager
 
-    def atomic_for_local_files(original: Callable[..., Any]) -> Callable[..., Any]:
-        def copy(src_path: str, dst_path: str, overwrite: bool = False) -> Any:
-            if PathManager.path_requires_pathmanager(src_path) or PathManager.path_requires_pathmanager(dst_path):
-                return original(src_path, dst_path, overwrite=overwrite)
-            return atomic_copy(src_path, dst_path)
+    def copy(src_path: str, dst_path: str, overwrite: bool = False) -> Any:
+        if PathManager.path_requires_pathmanager(src_path) or PathManager.path_requires_pathmanager(dst_path):
+            return original(src_path, dst_path, overwrite=overwrite)
+        return atomic_copy(src_path, dst_path)
 
-        return copy
-
-    patch_once(PathManager, "copy", atomic_for_local_files)
+    return copy

@@ -1,7 +1,7 @@
 """Binarised datasets checked when fairseq loads them: one line naming the file, before anything is trained.
 
 fairseq reads the index header of its mmap format with bare ``assert``s and maps the data lazily, so a damaged
-split fails late and obscurely (see :func:`check_binarised_dataset`); :func:`check_datasets_when_loaded` runs
+split fails late and obscurely (see :func:`check_binarised_dataset`); :func:`check_first` runs
 the check on every split a task loads, in every process that loads it (each training worker, each
 ``fairseq-generate`` / ``-eval-lm``).
 
@@ -27,7 +27,6 @@ import os
 import struct
 from typing import Any, Callable, Iterator, List, Tuple
 
-from t2r_fairseq.hardening.patching import patch_once
 
 FULL_CHECK_ENV = "T2R_FULL_DATASET_CHECK"
 SAMPLE_BLOCKS = 16  # contiguous blocks (the first at the file's start, the last at its end): a few seeks
@@ -161,21 +160,17 @@ def check_binarised_dataset(prefix: str, dictionary: Any = None, full: bool | No
             )
 
 
-def check_datasets_when_loaded() -> None:
-    """Run :func:`check_binarised_dataset` on every split a fairseq task loads.
+def check_first(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``fairseq.data.data_utils.load_indexed_dataset``: :func:`check_binarised_dataset` on every split a
+    fairseq task loads.
 
-    The tasks call ``fairseq.data.data_utils.load_indexed_dataset`` through the
-    module, so wrapping it there covers language modelling and translation
-    (and fairseq's other tasks) in ``fairseq-train``, ``-generate``, ``-eval-lm``.
+    The tasks call the function through the module, so wrapping it there covers language modelling and
+    translation (and fairseq's other tasks) in ``fairseq-train``, ``-generate``, ``-eval-lm``.
     """
-    from fairseq.data import data_utils
 
-    def check_first(original: Callable[..., Any]) -> Callable[..., Any]:
-        def load_indexed_dataset(path: str, dictionary: Any = None, *args: Any, **kwargs: Any) -> Any:
-            if isinstance(path, str) and os.path.exists(os.path.dirname(path) or "."):
-                check_binarised_dataset(path, dictionary)
-            return original(path, dictionary, *args, **kwargs)
+    def load_indexed_dataset(path: str, dictionary: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(path, str) and os.path.exists(os.path.dirname(path) or "."):
+            check_binarised_dataset(path, dictionary)
+        return original(path, dictionary, *args, **kwargs)
 
-        return load_indexed_dataset
-
-    patch_once(data_utils, "load_indexed_dataset", check_first)
+    return load_indexed_dataset

@@ -2,14 +2,15 @@
 
 fairseq 0.12 acts on ``--help`` in the first of its two parses, before it has added the options of ``--arch``,
 ``--task`` and ``--criterion``, so the help a user asks for never shows them (for fairseq's own models neither).
-See :func:`complete_fairseq_help` for how the plugin prints the complete parser instead.
+See :func:`help_after_all_options` and :func:`print_help_in_progress` for how the plugin prints the complete
+parser instead.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
-from typing import Any, List
+import sys
+from typing import Any, Callable, List
 
 HELP_FLAGS = ("-h", "--help")
 
@@ -81,39 +82,41 @@ def _help_after_all_options(parse_args_and_arch: Any, parser: Any, input_args: A
     parse_args_and_arch(parser, input_args=args, parse_known=True, modify_parser=print_complete_help)
 
 
-def complete_fairseq_help() -> None:
-    """Make ``fairseq-train ... --arch A --criterion C --help`` list A's and C's options, with defaults and help.
+def help_after_all_options(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``fairseq.options.parse_args_and_arch``: ``fairseq-train ... --arch A --criterion C --help`` lists A's
+    and C's options, with defaults and help.
 
     fairseq 0.12's ``options.parse_args_and_arch`` parses the command line once
     to learn ``--arch``/``--task``/``--criterion``, then adds their options and
     parses again; ``--help`` is acted on in that first parse, so the help never
-    shows model, task or criterion options (fairseq's own models' neither). The
-    user directory is imported inside that same call, just before the first
-    parse, so this import is the one moment a plugin can act: if the call in
-    progress asked for help, we find its parser and arguments on the stack, run
-    fairseq's function again without the help flag, and print the help when
-    every option is in. Later calls in the process go through a wrapper that
-    does the same. Nothing changes for a command line without ``-h``/``--help``.
+    shows model, task or criterion options (fairseq's own models' neither). A
+    call that asks for help runs fairseq's function again without the help flag
+    and prints the help when every option is in. Nothing changes for a command
+    line without ``-h``/``--help``. The call already in progress when the plugin
+    is imported is :func:`print_help_in_progress`'s.
     """
-    import sys
 
+    def parse_args_and_arch(parser: Any, input_args: Any = None, parse_known: bool = False,
+                            suppress_defaults: bool = False, modify_parser: Any = None) -> Any:
+        given = sys.argv[1:] if input_args is None else list(input_args)
+        if any(a in HELP_FLAGS for a in given) and not suppress_defaults:
+            _help_after_all_options(original, parser, given, modify_parser)
+        return original(parser, input_args, parse_known, suppress_defaults, modify_parser)
+
+    return parse_args_and_arch
+
+
+def print_help_in_progress() -> None:
+    """Print the complete ``--help`` of the ``parse_args_and_arch`` call that is importing the plugin, if it asked.
+
+    fairseq imports the user directory inside that very call, just before its first parse, so the wrapper
+    (:func:`help_after_all_options`, applied after this call began) does not see it: this is the one moment a
+    plugin can act. We find the call's parser and arguments on the stack and print the help once every model
+    and criterion is registered.
+    """
     from fairseq import options
 
-    original = getattr(options.parse_args_and_arch, "_t2r_original", options.parse_args_and_arch)
-    if not getattr(options.parse_args_and_arch, "_t2r_wrapped", False):
-
-        @functools.wraps(original)
-        def parse_args_and_arch(parser: Any, input_args: Any = None, parse_known: bool = False,
-                                suppress_defaults: bool = False, modify_parser: Any = None) -> Any:
-            given = sys.argv[1:] if input_args is None else list(input_args)
-            if any(a in HELP_FLAGS for a in given) and not suppress_defaults:
-                _help_after_all_options(original, parser, given, modify_parser)
-            return original(parser, input_args, parse_known, suppress_defaults, modify_parser)
-
-        parse_args_and_arch._t2r_wrapped = True  # type: ignore[attr-defined]
-        parse_args_and_arch._t2r_original = original  # type: ignore[attr-defined]
-        options.parse_args_and_arch = parse_args_and_arch
-
+    original = getattr(options.parse_args_and_arch, "__wrapped__", options.parse_args_and_arch)
     frame = sys._getframe(1)
     while frame is not None and frame.f_code is not original.__code__:
         frame = frame.f_back

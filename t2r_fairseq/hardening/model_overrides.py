@@ -13,26 +13,20 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, open_dict
 
-from t2r_fairseq.hardening.patching import patch_once
-
 GENERATION_OPTIONS = ("decode_step",)
 
 
-def apply_generation_overrides() -> None:
+def set_generation_overrides(original: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap ``fairseq.checkpoint_utils.load_checkpoint_to_cpu`` to set :data:`GENERATION_OPTIONS` overrides."""
-    from fairseq import checkpoint_utils
 
-    def set_generation_overrides(original: Callable[..., Any]) -> Callable[..., Any]:
-        def load_checkpoint_to_cpu(path: str, arg_overrides: Any = None, *args: Any, **kwargs: Any) -> Any:
-            state = original(path, arg_overrides, *args, **kwargs)
-            model_cfg = (state.get("cfg") or {}).get("model") if isinstance(state, dict) else None
-            wanted = {k: v for k, v in (arg_overrides or {}).items() if k in GENERATION_OPTIONS}
-            if isinstance(model_cfg, DictConfig) and str(model_cfg.get("_name", "")).startswith("t2r_"):
-                with open_dict(model_cfg):
-                    for key, value in wanted.items():
-                        model_cfg[key] = value
-            return state
+    def load_checkpoint_to_cpu(path: str, arg_overrides: Any = None, *args: Any, **kwargs: Any) -> Any:
+        state = original(path, arg_overrides, *args, **kwargs)
+        model_cfg = (state.get("cfg") or {}).get("model") if isinstance(state, dict) else None
+        wanted = {k: v for k, v in (arg_overrides or {}).items() if k in GENERATION_OPTIONS}
+        if isinstance(model_cfg, DictConfig) and str(model_cfg.get("_name", "")).startswith("t2r_"):
+            with open_dict(model_cfg):
+                for key, value in wanted.items():
+                    model_cfg[key] = value
+        return state
 
-        return load_checkpoint_to_cpu
-
-    patch_once(checkpoint_utils, "load_checkpoint_to_cpu", set_generation_overrides)
+    return load_checkpoint_to_cpu

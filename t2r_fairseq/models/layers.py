@@ -19,14 +19,13 @@ from torch import Tensor, nn
 
 from t2r_fairseq.models.config import attention_options, decode_step_option, sliding_window_option
 from t2r_fairseq.modules.decode_step import StaticDecodeRunner, StaticDecodeStep, resolve_decode_step
+from t2r_fairseq.modules.incremental_state import IncrementalState
 from t2r_fairseq.modules.linear_multihead_attention import (
     LinearAttentionOptions,
     LinearMultiheadAttention,
     generation_step,
 )
 from t2r_fairseq.modules.sliding_window_attention import SlidingWindowAttention
-
-IncrementalState = Dict[str, Dict[str, Optional[Tensor]]]
 
 
 def _wrap_like_fairseq(layer: nn.Module, cfg: TransformerConfig) -> nn.Module:

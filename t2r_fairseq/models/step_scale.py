@@ -24,7 +24,7 @@ larger for the maps, and with momentum too (a buffer built from the same gradien
 step it is ``s`` times the step Adafactor chose. Every other parameter's step is untouched, bit for bit.
 Parameters are stored as their effective values, so checkpoints never depend on ``s``.
 
-:func:`install_in_trainer` applies this to every optimizer fairseq's ``Trainer`` builds (plain, ``--fp16``
+:func:`scale_maps_after` applies this to every optimizer fairseq's ``Trainer`` builds (plain, ``--fp16``
 master weights flattened or not, ``--memory-efficient-fp16``, ``--amp``, BMUF, composite); a training loop of
 one's own calls :func:`scale_feature_map_steps` on its torch optimizer.
 """
@@ -37,7 +37,6 @@ import torch
 from torch import Tensor, nn
 
 from t2r_fairseq.modules.feature_maps import FeatureMap
-from t2r_fairseq.hardening.patching import patch_once
 
 
 class StepScaleError(ValueError):
@@ -142,28 +141,25 @@ def optimizer_targets(fairseq_optimizer: Any, scales: Dict[nn.Parameter, float])
     return [(p32, scales[p]) for p, p32 in zip(params, masters) if p in scales]
 
 
-def install_in_trainer() -> None:
-    """Scale the feature maps' steps in every optimizer fairseq's ``Trainer`` builds (``fairseq-train``,
-    ``fairseq-hydra-train``); a no-op for models without scaled maps (softmax, top-k, ``--feature-map-lr-scale 1``).
+def scale_maps_after(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``Trainer._build_optimizer``: scale the feature maps' steps in every optimizer fairseq's ``Trainer``
+    builds (``fairseq-train``, ``fairseq-hydra-train``); a no-op for models without scaled maps (softmax, top-k,
+    ``--feature-map-lr-scale 1``).
     """
-    from fairseq.trainer import Trainer
 
-    def scale_maps_after(original: Callable[..., Any]) -> Callable[..., Any]:
-        def _build_optimizer(self: Trainer) -> Any:
-            if getattr(self, "is_fsdp", False) and any(
-                isinstance(m, FeatureMap) and m.lr_scale != 1.0 for m in self.model.modules()
-            ):  # FSDP flattens the maps into shards the hooks cannot find: refuse rather than ignore the scale
-                raise StepScaleError(
-                    "--feature-map-lr-scale cannot be applied with --ddp-backend fully_sharded (it flattens the "
-                    "feature maps' parameters) -- use --feature-map-lr-scale 1, or --ddp-backend legacy_ddp / c10d"
-                )
-            result = original(self)
-            scales = step_scales(self.model)
-            if scales:
-                targets = optimizer_targets(self._optimizer, scales)
-                scale_feature_map_steps(self._optimizer.optimizer, targets)
-            return result
+    def _build_optimizer(self: Any) -> Any:
+        if getattr(self, "is_fsdp", False) and any(
+            isinstance(m, FeatureMap) and m.lr_scale != 1.0 for m in self.model.modules()
+        ):  # FSDP flattens the maps into shards the hooks cannot find: refuse rather than ignore the scale
+            raise StepScaleError(
+                "--feature-map-lr-scale cannot be applied with --ddp-backend fully_sharded (it flattens the "
+                "feature maps' parameters) -- use --feature-map-lr-scale 1, or --ddp-backend legacy_ddp / c10d"
+            )
+        result = original(self)
+        scales = step_scales(self.model)
+        if scales:
+            targets = optimizer_targets(self._optimizer, scales)
+            scale_feature_map_steps(self._optimizer.optimizer, targets)
+        return result
 
-        return _build_optimizer
-
-    patch_once(Trainer, "_build_optimizer", scale_maps_after)
+    return _build_optimizer

@@ -17,8 +17,8 @@ from fairseq.models.transformer import (
 )
 
 from t2r_fairseq.models.config import T2RTranslationConfig, translation_defaults, validate_t2r_options
+from t2r_fairseq.models.encoder_attention import MULTIHEAD, add_encoder_attention_args, build_encoder, encoder_attention
 from t2r_fairseq.models.layers import T2RTransformerDecoder, T2RTransformerEncoder
-from t2r_fairseq.models.shatter_transformer import add_encoder_attention_args, build_encoder, encoder_attention
 from t2r_fairseq.models.trainable import apply_trainable
 from t2r_fairseq.conversion.swap import SwapLoadMixin
 
@@ -34,7 +34,7 @@ class T2RTransformerModel(SwapLoadMixin, TransformerModel):
     def add_args(cls, parser: Any) -> None:
         super().add_args(parser)
         gen_parser_from_dataclass(parser, T2RTranslationConfig())
-        add_encoder_attention_args(parser, "multihead")  # --encoder-attention shatter: a Shatter encoder
+        add_encoder_attention_args(parser, MULTIHEAD)  # --encoder-attention: an encoder a family registered
 
     @classmethod
     def build_model(cls, args: Any, task: Any) -> "T2RTransformerModel":
@@ -53,9 +53,9 @@ class T2RTransformerModel(SwapLoadMixin, TransformerModel):
 
     @classmethod
     def build_encoder(cls, args: Any, src_dict: Any, embed_tokens: Any) -> Any:
-        shatter = build_encoder(args, src_dict, embed_tokens, "multihead")
-        if shatter is not None:
-            return shatter
+        registered = build_encoder(args, src_dict, embed_tokens, MULTIHEAD)  # e.g. --encoder-attention shatter
+        if registered is not None:
+            return registered
         if getattr(args, "swap_encoder", False):
             return T2RTransformerEncoder(args, src_dict, embed_tokens)
         return super().build_encoder(args, src_dict, embed_tokens)

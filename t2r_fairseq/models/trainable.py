@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from t2r_fairseq.modules.linear_multihead_attention import LinearMultiheadAttention
+from t2r_fairseq.modules.replaced_attention import attention_modules
 
 _ATTENTION_TRAINABLE = ("q_proj", "k_proj", "v_proj", "feature_map", "window_logit")  # window_logit: hybrid only
 
@@ -19,9 +20,8 @@ def apply_trainable(model: nn.Module, mode: str) -> None:
     if mode != "attention":
         raise ValueError(f"unknown --trainable {mode!r}; valid: all, attention")
     model.requires_grad_(False)
-    for module in model.modules():
-        if isinstance(module, LinearMultiheadAttention):
-            for name in _ATTENTION_TRAINABLE:
-                part = getattr(module, name, None)
-                if part is not None:
-                    part.requires_grad_(True)
+    for _, module in attention_modules(model, LinearMultiheadAttention):
+        for name in _ATTENTION_TRAINABLE:
+            part = getattr(module, name, None)
+            if part is not None:
+                part.requires_grad_(True)

@@ -13,14 +13,14 @@ construction.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Protocol, Tuple, runtime_checkable
+from typing import Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from t2r_fairseq.modules.linear_multihead_attention import LinearMultiheadAttention
-from t2r_fairseq.modules.topk_multihead_attention import TopkMultiheadAttention
+from t2r_fairseq.modules.replaced_attention import replaced_attentions  # noqa: F401  (its earlier home)
+from t2r_fairseq.ops.heads import merge_heads
 
 
 @runtime_checkable
@@ -48,12 +48,6 @@ class AttentionSource(Protocol):
     def output_projection(self) -> Tuple[Tensor, Optional[Tensor]]:
         """``(weight, bias)`` of the layer's ``out_proj``."""
         ...
-
-
-def merge_heads(x: Tensor) -> Tensor:
-    """``[B, H, T, d] -> [T, B, H*d]`` (fairseq's time-major layout)."""
-    B, H, T, d = x.shape
-    return x.permute(2, 0, 1, 3).reshape(T, B, H * d)
 
 
 @dataclass
@@ -105,7 +99,3 @@ class LayerAttention:
             weight, bias = weight.detach(), (bias.detach() if bias is not None else None)
         return F.linear(merge_heads(self.heads()), weight, bias)
 
-
-def replaced_attentions(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """``(name, module)`` of every attention of ``model`` that replaced a softmax one (linear, hybrid, top-k)."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (LinearMultiheadAttention, TopkMultiheadAttention))]

@@ -34,6 +34,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
+from t2r_fairseq.modules.incremental_state import IncrementalState as State
 from t2r_fairseq.modules.linear_multihead_attention import generation_step, is_identity_order
 
 logger = logging.getLogger(__name__)
@@ -44,8 +45,6 @@ DECODE_STEPS = ("auto", "eager", "compile", "graph", "compile_graph")
 # in a fairseq-generate run (3.4x slower end to end); CUDA stays eager until a GPU run of scripts/gpu_check.sh has
 # measured the captured step against it.
 AUTO_DECODE_STEP: Dict[str, str] = {"cpu": "eager", "cuda": "eager"}
-
-State = Dict[str, Dict[str, Optional[Tensor]]]
 
 
 def resolve_decode_step(mode: str, device: torch.device) -> str:

@@ -33,6 +33,8 @@ from torch import Tensor, nn
 
 from t2r_fairseq.modules.feature_maps import DEFAULT_FEATURE_MAP, build_feature_map
 from t2r_fairseq.modules.fused_projection import FusedProjection
+from t2r_fairseq.modules.incremental_state import IncrementalState
+from t2r_fairseq.ops.heads import merge_heads
 from t2r_fairseq.ops.linear_attention import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_EPS,
@@ -47,8 +49,6 @@ from t2r_fairseq.ops.linear_attention import (
     masked_keys,
     source_readout_cost,
 )
-
-IncrementalState = Dict[str, Dict[str, Optional[Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -217,8 +217,7 @@ class LinearMultiheadAttention(nn.Module):
 
     def _merge(self, x: Tensor) -> Tensor:
         """``[B, H, T, d] -> [T, B, H*d]``."""
-        B, H, T, d = x.shape
-        return x.permute(2, 0, 1, 3).reshape(T, B, H * d)
+        return merge_heads(x)
 
     def _phi_q(self, query: Tensor) -> Tensor:
         return self.feature_map(self._heads(self.q_proj(query) * self.scaling), is_query=True)

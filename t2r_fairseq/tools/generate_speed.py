@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 import t2r_fairseq  # noqa: F401  (registers the models)
+from t2r_fairseq.modules.replaced_attention import attention_modules
 
 
 @dataclass
@@ -70,7 +71,7 @@ def attention_classes() -> Tuple[type, ...]:
 @contextlib.contextmanager
 def attention_free(model: nn.Module) -> Iterator[None]:
     """Every attention module of ``model`` returns its query unchanged (and keeps no state) inside the block."""
-    modules = [m for m in model.modules() if isinstance(m, attention_classes())]
+    modules = [m for _, m in attention_modules(model, attention_classes())]
     for m in modules:
         m.forward = lambda query, *args, **kwargs: (query, None)  # type: ignore[method-assign]
     try:

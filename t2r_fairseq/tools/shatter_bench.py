@@ -3,7 +3,7 @@
 ``python -m t2r_fairseq.tools.shatter_bench --lengths 128,256,512,1024 --dim 128 --heads 4 --batch 8``
 
 Each row builds fairseq's ``TransformerEncoderLayerBase`` (multi-head softmax) and
-:class:`~t2r_fairseq.models.shatter_layers.ShatterEncoderLayer` of the same width and FFN, in training mode
+:class:`~t2r_fairseq.shatter.layers.ShatterEncoderLayer` of the same width and FFN, in training mode
 (dropout as given), and reports per length: the median and minimum fwd+bwd time of a training step on random
 inputs with padding-free batches, the two variants' steps interleaved (A B A B ...) so that both see the same
 background load, the bytes autograd saves for backward (deterministic; the memory the claim is about), and
@@ -28,8 +28,8 @@ def _layers(dim: int, heads: int, ffn: int, dropout: float, partitions: int, sco
     from fairseq.models.transformer import TransformerConfig
     from fairseq.modules.transformer_layer import TransformerEncoderLayerBase
 
-    from t2r_fairseq.models.shatter_layers import ShatterEncoderLayer
-    from t2r_fairseq.modules.shatter_attention import ShatterOptions
+    from t2r_fairseq.shatter.layers import ShatterEncoderLayer
+    from t2r_fairseq.shatter.attention import ShatterOptions
 
     cfg = TransformerConfig()
     cfg.encoder.embed_dim, cfg.encoder.ffn_embed_dim, cfg.encoder.attention_heads = dim, ffn, heads

@@ -31,8 +31,8 @@ import torch
 
 import t2r_fairseq  # noqa: F401  (registers the models; safe loading of fairseq checkpoints)
 from t2r_fairseq.hardening.checkpoint_errors import CheckpointReadError, load_torch_file_safely
-from t2r_fairseq.models.topk_config import TopkOptionError, topk_settings
-from t2r_fairseq.ops.topk_attention import DEFAULT_QUERY_CHUNK
+from t2r_fairseq.topk.config import TopkOptionError, topk_settings
+from t2r_fairseq.topk.ops import DEFAULT_QUERY_CHUNK
 
 ModelConfig = Union[MutableMapping[str, Any], Namespace]
 
@@ -58,8 +58,8 @@ def _target_model(name: str) -> Tuple[str, bool]:
     from fairseq.models.transformer import TransformerModel
     from fairseq.models.transformer_lm import TransformerLanguageModel
 
-    from t2r_fairseq.models.topk_transformer import TopkTransformerModel
-    from t2r_fairseq.models.topk_transformer_lm import TopkTransformerLanguageModel
+    from t2r_fairseq.topk.transformer import TopkTransformerModel
+    from t2r_fairseq.topk.transformer_lm import TopkTransformerLanguageModel
 
     model = ARCH_MODEL_REGISTRY.get(name)
     if model is not None and issubclass(model, TopkTransformerLanguageModel):

@@ -19,8 +19,8 @@ from fairseq.models.transformer_lm import (
     transformer_lm_gpt,
 )
 
-from t2r_fairseq.models.topk_config import TopkConfig, topk_settings
-from t2r_fairseq.models.topk_layers import TopkTransformerDecoder
+from t2r_fairseq.topk.config import TopkConfig, topk_settings
+from t2r_fairseq.topk.layers import TopkTransformerDecoder
 
 
 @dataclass

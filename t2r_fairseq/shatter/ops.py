@@ -29,7 +29,7 @@ Memory (``B`` batch, ``L`` queries, ``S`` keys, ``P`` partitions, ``D`` width):
 * Compared with ``H``-head softmax attention, which keeps ``B H L S`` probabilities for backward, Shatter keeps
   ``B L S`` (one head), plus the batch-free ``L S P`` partition weights.
 
-No fairseq import here: :mod:`t2r_fairseq.modules.shatter_attention` holds the parameters and the fairseq
+No fairseq import here: :mod:`t2r_fairseq.shatter.attention` holds the parameters and the fairseq
 interface; this file only does the math.
 """
 

@@ -22,8 +22,8 @@ from fairseq.models.transformer import (
     transformer_wmt_en_de_big,
 )
 
-from t2r_fairseq.models.topk_config import TopkConfig, topk_settings
-from t2r_fairseq.models.topk_layers import TopkTransformerDecoder, TopkTransformerEncoder
+from t2r_fairseq.topk.config import TopkConfig, topk_settings
+from t2r_fairseq.topk.layers import TopkTransformerDecoder, TopkTransformerEncoder
 
 
 @register_model("topk_transformer")

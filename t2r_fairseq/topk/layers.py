@@ -16,9 +16,9 @@ from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, Trans
 from torch import Tensor, nn
 
 from t2r_fairseq.models.layers import _wrap_like_fairseq
-from t2r_fairseq.models.topk_config import TopkSettings
-from t2r_fairseq.modules.topk_feed_forward import TopkActivation
-from t2r_fairseq.modules.topk_multihead_attention import TopkMultiheadAttention
+from t2r_fairseq.topk.config import TopkSettings
+from t2r_fairseq.topk.feed_forward import TopkActivation
+from t2r_fairseq.topk.multihead_attention import TopkMultiheadAttention
 
 
 class TopkTransformerDecoderLayer(TransformerDecoderLayerBase):

@@ -15,8 +15,8 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.utils import safe_getattr
 
 from t2r_fairseq.models.option_checks import OptionError, check_int, read_option
-from t2r_fairseq.modules.topk_multihead_attention import TopkOptions
-from t2r_fairseq.ops.topk_attention import DEFAULT_QUERY_CHUNK
+from t2r_fairseq.topk.multihead_attention import TopkOptions
+from t2r_fairseq.topk.ops import DEFAULT_QUERY_CHUNK
 
 # Which attentions can be top-k: decoder self-attention, encoder-decoder attention, encoder self-attention.
 ATTENTIONS_MT = ("self", "cross", "encoder")

@@ -1,5 +1,9 @@
-"""Shatter options (``--shatter-*``, ``--encoder-attention``): one dataclass whose fields become the CLI flags,
-with help text, and one check that turns a bad value into one :class:`ShatterOptionError` line at build time."""
+"""Shatter options (``--shatter-*``): one dataclass whose fields become the CLI flags, with help text, and one
+check that turns a bad value into one :class:`ShatterOptionError` line at build time.
+
+``--encoder-attention`` itself belongs to :mod:`t2r_fairseq.models.encoder_attention`; this family's entry there
+is :data:`t2r_fairseq.shatter.transformer.SHATTER_ENCODER`, whose check is :func:`check_shatter_encoder`.
+"""
 
 from dataclasses import dataclass, field
 from typing import Any
@@ -7,14 +11,13 @@ from typing import Any
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.utils import safe_getattr
 
+from t2r_fairseq.models.encoder_attention import encoder_attention  # noqa: F401  (its earlier home)
 from t2r_fairseq.models.option_checks import OptionError, check_choice, check_int, read_option
-from t2r_fairseq.modules.shatter_attention import ShatterOptions
-from t2r_fairseq.ops.shatter import DEFAULT_DEGREE, DEFAULT_MAX_DISTANCE, DEFAULT_PARTITIONS, SCORE_FUNCTIONS
+from t2r_fairseq.shatter.attention import ShatterOptions
+from t2r_fairseq.shatter.ops import DEFAULT_DEGREE, DEFAULT_MAX_DISTANCE, DEFAULT_PARTITIONS, SCORE_FUNCTIONS
 
-ENCODER_ATTENTIONS = ("multihead", "shatter")
 DEFAULT_SCORE = "sigmoid"
 SCORE_CHOICES = ChoiceEnum(list(SCORE_FUNCTIONS))
-ENCODER_ATTENTION_CHOICES = ChoiceEnum(list(ENCODER_ATTENTIONS))
 
 
 @dataclass
@@ -48,16 +51,6 @@ class ShatterConfig(FairseqDataclass):
         default=False,
         metadata={"help": "drop the per-query, per-partition score biases that the query projection also "
                   "produces (s_ij += sum_p pi_p(j-i) b_ip)"},
-    )
-
-
-@dataclass
-class ShatterEncoderConfig(ShatterConfig):
-    encoder_attention: ENCODER_ATTENTION_CHOICES = field(  # type: ignore[valid-type]
-        default="multihead",
-        metadata={"help": "encoder self-attention: multihead (fairseq's softmax attention) or shatter "
-                  "(single-headed, soft relative-position partitions; --shatter-* options). Default: multihead "
-                  "on t2r_transformer, shatter on shatter_transformer"},
     )
 
 
@@ -97,13 +90,9 @@ def shatter_options(args: Any) -> ShatterOptions:
     )
 
 
-def encoder_attention(args: Any, default: str = "multihead") -> str:
-    """``--encoder-attention`` (validated, with the Shatter options when it is ``shatter``)."""
-    value = check_choice("--encoder-attention", read_option(args, "encoder_attention", default), ENCODER_ATTENTIONS,
-                         error=ShatterOptionError)
-    if value == "shatter":
-        shatter_options(args)
-        if safe_getattr(args, "swap_encoder", False):
-            raise ShatterOptionError("--encoder-attention shatter and --swap-encoder both replace the encoder's "
-                                     "self-attention: drop one of them")
-    return value
+def check_shatter_encoder(args: Any) -> None:
+    """What ``--encoder-attention shatter`` asks of the other options: valid ``--shatter-*``, no ``--swap-encoder``."""
+    shatter_options(args)
+    if safe_getattr(args, "swap_encoder", False):
+        raise ShatterOptionError("--encoder-attention shatter and --swap-encoder both replace the encoder's "
+                                 "self-attention: drop one of them")

@@ -2,7 +2,7 @@
 
 A drop-in for fairseq's ``MultiheadAttention`` in encoder layers (``self_attn(query=x, key=x, value=x,
 key_padding_mask=..., need_weights=..., attn_mask=...)`` with ``x`` ``[T, B, C]``). The math is
-:mod:`t2r_fairseq.ops.shatter`; this module holds the parameters:
+:mod:`t2r_fairseq.shatter.ops`; this module holds the parameters:
 
 * ``q_proj``: ``C -> C`` (``+ P`` per-query partition score biases with ``position_score_bias``),
 * ``k_proj``: ``C -> C`` only with ``key_projection``; without it the scores are ``q_i . x_j``. With one head
@@ -29,7 +29,7 @@ from fairseq.modules.fairseq_dropout import FairseqDropout
 from fairseq.modules.quant_noise import quant_noise
 from torch import Tensor, nn
 
-from t2r_fairseq.ops.shatter import (
+from t2r_fairseq.shatter.ops import (
     DEFAULT_DEGREE,
     DEFAULT_MAX_DISTANCE,
     DEFAULT_PARTITIONS,
@@ -44,7 +44,7 @@ from t2r_fairseq.ops.shatter import (
 
 @dataclass(frozen=True)
 class ShatterOptions:
-    """Validated Shatter settings (see :mod:`t2r_fairseq.models.shatter_config` for the options and checks)."""
+    """Validated Shatter settings (see :mod:`t2r_fairseq.shatter.config` for the options and checks)."""
 
     partitions: int = DEFAULT_PARTITIONS
     degree: int = DEFAULT_DEGREE

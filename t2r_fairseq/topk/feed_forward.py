@@ -3,7 +3,7 @@
 fairseq's transformer layers compute ``fc2(dropout(activation_fn(fc1(x))))``
 inline in ``forward``. Replacing ``activation_fn`` by :class:`TopkActivation`
 makes that FFN keep only the ``k`` largest hidden pre-activations per token
-(:func:`t2r_fairseq.ops.topk_attention.topk_hidden`) with no new parameter and
+(:func:`t2r_fairseq.topk.ops.topk_hidden`) with no new parameter and
 no copy of fairseq's layer code. The hidden layer is still computed densely
 (fc1/fc2 are fairseq's matmuls), so in the models this is an accuracy knob,
 not a memory saving; the chunked form is ``ops.topk_attention.topk_feed_forward``.
@@ -15,7 +15,7 @@ from typing import Callable
 
 from torch import Tensor
 
-from t2r_fairseq.ops.topk_attention import topk_hidden
+from t2r_fairseq.topk.ops import topk_hidden
 
 
 class TopkActivation:

@@ -1,32 +1,37 @@
 """``shatter_transformer``: fairseq's encoder-decoder transformer with a Shatter encoder (``--encoder-attention``).
 
 The decoder is fairseq's softmax decoder; for a Shatter encoder with a linear (T2R) decoder use
-``--arch t2r_transformer --encoder-attention shatter``. Both models share :func:`build_encoder`.
+``--arch t2r_transformer --encoder-attention shatter``. Both models choose their encoder through
+:mod:`t2r_fairseq.models.encoder_attention`, where this module registers
+:data:`SHATTER_ENCODER`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer import TransformerEncoder, TransformerModel, base_architecture, transformer_iwslt_de_en
 
-from t2r_fairseq.models.shatter_config import ShatterEncoderConfig, encoder_attention
-from t2r_fairseq.models.shatter_layers import ShatterTransformerEncoder
+from t2r_fairseq.models.encoder_attention import (
+    EncoderAttention,
+    add_encoder_attention_args,
+    build_encoder,
+    encoder_attention,
+    register_encoder_attention,
+)
+from t2r_fairseq.shatter.config import ShatterConfig, check_shatter_encoder
+from t2r_fairseq.shatter.layers import ShatterTransformerEncoder
 
-
-def add_encoder_attention_args(parser: Any, default: str) -> None:
-    """``--encoder-attention`` and the ``--shatter-*`` options, with this model's default attention."""
-    gen_parser_from_dataclass(parser, ShatterEncoderConfig())
-    parser.set_defaults(encoder_attention=default)
-
-
-def build_encoder(args: Any, src_dict: Any, embed_tokens: Any, default: str) -> Any:
-    """A :class:`ShatterTransformerEncoder` for ``--encoder-attention shatter``, else None (the model's own)."""
-    if encoder_attention(args, default) == "shatter":
-        return ShatterTransformerEncoder(args, src_dict, embed_tokens)
-    return None
+SHATTER_ENCODER = EncoderAttention(
+    name="shatter",
+    help="single-headed, soft relative-position partitions; --shatter-* options",
+    config=ShatterConfig,
+    check=check_shatter_encoder,
+    build=ShatterTransformerEncoder,
+    default_on=("shatter_transformer",),
+)
+register_encoder_attention(SHATTER_ENCODER)  # as fairseq's register_model: offered once this module is imported
 
 
 @register_model("shatter_transformer")

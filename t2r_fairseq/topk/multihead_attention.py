@@ -8,7 +8,7 @@ state-dict upgrade are all inherited, so a softmax checkpoint loads into it
 with every tensor reused and no new tensor, and a generation step appends to
 the cache exactly as softmax does; the step then keeps the top-k of the
 cached keys. Only ``forward`` is overridden, because fairseq's builds the full
-``T x S`` score matrix; here the math is :func:`t2r_fairseq.ops.topk_attention.topk_attention`.
+``T x S`` score matrix; here the math is :func:`t2r_fairseq.topk.ops.topk_attention`.
 
 Causal self-attention is built into the call (``causal=True``): the top-k
 decoder passes no ``T x T`` future mask, which would itself be quadratic.
@@ -17,15 +17,16 @@ decoder passes no ``T x T`` future mask, which would itself be quadratic.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from fairseq.modules.multihead_attention import MultiheadAttention
 from torch import Tensor
 
-from t2r_fairseq.ops.topk_attention import DEFAULT_QUERY_CHUNK, topk_attention
+from t2r_fairseq.modules.incremental_state import IncrementalState
+from t2r_fairseq.modules.replaced_attention import register_replaced_attention
+from t2r_fairseq.topk.ops import DEFAULT_QUERY_CHUNK, topk_attention
 
-IncrementalState = Dict[str, Dict[str, Optional[Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class TopkOptions:
     query_chunk: int = DEFAULT_QUERY_CHUNK
 
 
+@register_replaced_attention
 class TopkMultiheadAttention(MultiheadAttention):
     """Multi-head attention that keeps, per query, only its ``k`` highest-scoring keys.
 

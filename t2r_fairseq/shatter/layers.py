@@ -13,8 +13,8 @@ from fairseq.modules.transformer_layer import TransformerEncoderLayerBase
 from torch import nn
 
 from t2r_fairseq.models.layers import _wrap_like_fairseq
-from t2r_fairseq.models.shatter_config import shatter_options
-from t2r_fairseq.modules.shatter_attention import ShatterAttention, ShatterOptions
+from t2r_fairseq.shatter.config import shatter_options
+from t2r_fairseq.shatter.attention import ShatterAttention, ShatterOptions
 
 
 class ShatterEncoderLayer(TransformerEncoderLayerBase):

@@ -15,8 +15,8 @@ from fairseq.models.roberta.model import RobertaEncoder, RobertaModel, base_arch
 from fairseq.modules.transformer_sentence_encoder import init_bert_params
 from fairseq.utils import safe_getattr, safe_hasattr
 
-from t2r_fairseq.models.shatter_config import ShatterRobertaConfig, shatter_options
-from t2r_fairseq.models.shatter_layers import ShatterTransformerEncoder
+from t2r_fairseq.shatter.config import ShatterRobertaConfig, shatter_options
+from t2r_fairseq.shatter.layers import ShatterTransformerEncoder
 
 
 class ShatterRobertaEncoder(RobertaEncoder):
