@@ -289,7 +289,7 @@ def sliding_window_step(
 
     if inplace:
         S, z = state.S, state.z
-        S.view(-1, *S.shape[-2:]).baddbmm_(phi_old.flatten(0, 1).unsqueeze(-1), v_old.flatten(0, 1).unsqueeze(-2))
+        S.addcmul_(phi_old.unsqueeze(-1), v_old.unsqueeze(-2))  # the rank-one update as linear_attention's step
         z.add_(phi_old)
         keys, values, valid, pos = state.keys, state.values, state.valid, state.pos
         if W:
@@ -298,9 +298,7 @@ def sliding_window_step(
             valid.index_copy_(1, slot, new_valid.unsqueeze(1))
         pos.add_(1)
     else:
-        S = torch.baddbmm(
-            state.S.flatten(0, 1), phi_old.flatten(0, 1).unsqueeze(-1), v_old.flatten(0, 1).unsqueeze(-2)
-        ).view_as(state.S)
+        S = torch.addcmul(state.S, phi_old.unsqueeze(-1), v_old.unsqueeze(-2))
         z = state.z + phi_old
         keys, values, valid = state.keys, state.values, state.valid
         if W:
