@@ -75,7 +75,7 @@ def test_bad_option_one_line_at_build_nothing_written(data, tmp_path):
               "--shatter-partitions", "0", *TRAIN, "--max-update", "4", "--save-dir", save, ok=False)
     assert bad.returncode != 0
     assert bad.stderr.strip().splitlines()[-1] == (
-        "t2r_fairseq.models.shatter_config.ShatterOptionError: --shatter-partitions must be an integer >= 1 "
+        "t2r_fairseq.shatter.config.ShatterOptionError: --shatter-partitions must be an integer >= 1 "
         "(relative-position partitions, e.g. 3), got 0")
     assert not list(save.rglob("*.pt")) if save.exists() else True
 

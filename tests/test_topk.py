@@ -547,7 +547,7 @@ def test_finetune_from_stock_checkpoint_and_bad_option_fails_at_build(work, tmp_
               "--finetune-from-model", teacher, ok=False)
     assert bad.returncode != 0
     assert bad.stderr.strip().splitlines()[-1] == (
-        "t2r_fairseq.models.topk_config.TopkOptionError: --topk-k must be an integer >= 1 (keys kept per query), got 0")
+        "t2r_fairseq.topk.config.TopkOptionError: --topk-k must be an integer >= 1 (keys kept per query), got 0")
     assert not list((tmp_path / "bad").glob("*.pt"))
 
 
