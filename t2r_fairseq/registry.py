@@ -30,6 +30,7 @@ from t2r_fairseq.hardening.fairseq_compat import allow_fairseq_checkpoint_global
 from t2r_fairseq.hardening.fairseq_help import help_after_all_options, print_help_in_progress
 from t2r_fairseq.hardening.model_overrides import set_generation_overrides
 from t2r_fairseq.hardening.patching import Patch
+from t2r_fairseq.models.carried_state import stream_order_dataloader
 from t2r_fairseq.models.step_scale import scale_maps_after
 
 logger = logging.getLogger(__name__)
@@ -126,6 +127,8 @@ FAIRSEQ = "0.12.3.1"  # fairseq-fixed, the 0.12 code the plugin pins (setup.py)
 PATCHES: Tuple[Patch, ...] = (
     Patch("fairseq.trainer:Trainer", "_build_optimizer", scale_maps_after, FAIRSEQ,
           "--feature-map-lr-scale: the feature maps' optimizer step is s times the optimizer's", always=True),
+    Patch("fairseq.tasks.language_modeling:LanguageModelingTask", "eval_lm_dataloader", stream_order_dataloader,
+          FAIRSEQ, "--carry-state: fairseq-eval-lm serves the blocks in stream order, one per batch", always=True),
     Patch("fairseq.checkpoint_utils", "torch", safe_loading_torch, FAIRSEQ,
           "checkpoints load with weights_only=True whatever torch's default", replace=True),
     Patch("fairseq.checkpoint_utils", "load_checkpoint_to_cpu", name_the_file, FAIRSEQ,

@@ -68,7 +68,7 @@ OPTIONS: Dict[str, tuple] = {
     "t2r_transformer": ("TransformerModel", sorted(
         _LINEAR + _SHATTER + ["--cross-feature-size", "--encoder-attention", "--softmax-cross-attention",
                               "--swap-encoder"])),
-    "t2r_transformer_lm": ("TransformerLanguageModel", sorted(_LINEAR)),
+    "t2r_transformer_lm": ("TransformerLanguageModel", sorted(_LINEAR + ["--carry-state"])),
     "topk_transformer": ("TransformerModel", sorted(_TOPK)),
     "topk_transformer_lm": ("TransformerLanguageModel", sorted(_TOPK)),
 }

@@ -17,6 +17,13 @@ from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, Trans
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from torch import Tensor, nn
 
+from t2r_fairseq.models.carried_state import (
+    OVERRIDE,
+    CarriedStateError,
+    carry_state_option,
+    check_carried_positions,
+    offset_positions,
+)
 from t2r_fairseq.models.config import attention_options, decode_step_option, sliding_window_option
 from t2r_fairseq.modules.decode_step import StaticDecodeRunner, StaticDecodeStep, resolve_decode_step
 from t2r_fairseq.modules.incremental_state import IncrementalState
@@ -152,6 +159,11 @@ class T2RTransformerDecoder(TransformerDecoder):
     (compiled and/or captured as a CUDA graph) when ``--decode-step`` asks for
     it: a :class:`~t2r_fairseq.modules.decode_step.StaticDecodeStep` is then
     installed in front of fairseq's forward, and only then.
+
+    With ``--carry-state`` (LM scoring, eval mode) each non-incremental forward continues the previous one: the
+    causal self-attentions start from the ``(S, z)`` (or hybrid) state the last call ended with, and positions
+    from where it stopped (:mod:`t2r_fairseq.models.carried_state`). The state is reset by
+    :meth:`reset_carried_state`, by ``train()`` and when the option is switched (:meth:`set_carry_state`).
     """
 
     def __init__(
@@ -168,9 +180,82 @@ class T2RTransformerDecoder(TransformerDecoder):
         )
         self.sliding_window = sliding_window_option(args)  # validated before any layer is built
         self.decode_step = decode_step_option(args)
+        carry_state = carry_state_option(args)
         super().__init__(args, dictionary, embed_tokens, no_encoder_attn, output_projection)
         self._static_step: Optional[StaticDecodeStep] = None
         self._install_decode_step()
+        self.carry_state = False
+        self._carried: IncrementalState = {}
+        self._carried_positions = 0
+        self.set_carry_state(carry_state)
+
+    # -- carried-state scoring (--carry-state) ------------------------------------------------
+
+    def set_carry_state(self, enabled: bool) -> None:
+        """Turn carried-state scoring on or off (``--carry-state``; e.g. from Python on a loaded model); either
+        way the carried state starts empty. Refused where positions cannot continue past a block."""
+        if enabled:
+            check_carried_positions(self.embed_positions)
+        self.carry_state = bool(enabled)
+        self.reset_carried_state()
+
+    def reset_carried_state(self) -> None:
+        """Start a new stream: the next carried-state forward begins at position 1 with empty layer states.
+
+        Call it before scoring another split or document with the same model; ``train()`` calls it too.
+        """
+        self._carried = {}
+        self._carried_positions = 0
+
+    @property
+    def carried_positions(self) -> int:
+        """Tokens of the stream consumed so far by carried-state scoring (the next block starts one after)."""
+        return self._carried_positions
+
+    def train(self, mode: bool = True) -> "T2RTransformerDecoder":
+        """nn.Module's ``train``; going back to training ends a carried-state evaluation (the state is dropped).
+        ``eval()`` keeps it: fairseq's scorer calls ``model.eval()`` before every batch."""
+        if mode:
+            self.reset_carried_state()
+        return super().train(mode)
+
+    def _carried_forward(self, prev_output_tokens: Tensor, run: Any) -> Tuple[Tensor, Dict[str, Any]]:
+        """One block of a stream: fairseq's forward (``run``) with the causal self-attentions continuing the
+        carried state and the positions moved by the tokens already consumed; then carry the new state on."""
+        if self.training:
+            raise CarriedStateError(
+                "carry_state is for scoring in eval mode, but the model is training (dropout on, blocks shuffled): "
+                f"train without --carry-state and set it when scoring (--model-overrides \"{OVERRIDE}\")"
+            )
+        rows = prev_output_tokens.size(0)
+        if rows != 1:
+            raise CarriedStateError(
+                f"carry_state continues one stream block after block, but this batch has {rows} rows (the blocks "
+                f"of a row would not follow each other): score with one row per batch (fairseq-eval-lm --batch-size 1)"
+            )
+        attentions = [m for m in self.modules() if isinstance(m, LinearMultiheadAttention) and m.causal]
+        for attention in attentions:
+            attention.carried_state = self._carried
+        hook = None
+        if self.embed_positions is not None:
+            hook = self.embed_positions.register_forward_hook(
+                offset_positions(self._carried_positions), with_kwargs=True)
+        try:
+            out = run()
+        except BaseException:
+            self.reset_carried_state()  # some layers may have advanced: the stream cannot continue
+            raise
+        finally:
+            for attention in attentions:
+                attention.carried_state = None
+            if hook is not None:
+                hook.remove()
+        self._carried_positions += int(prev_output_tokens.ne(self.padding_idx).sum())
+        for buffer in self._carried.values():  # carried, not differentiated through (as Transformer-XL's memory)
+            for name, value in buffer.items():
+                if value is not None:
+                    buffer[name] = value.detach()
+        return out
 
     def set_beam_size(self, beam_size: int) -> None:  # type: ignore[override]
         """fairseq's generator announces its beam (through the model's ``set_beam_size``): the linear
@@ -225,7 +310,12 @@ class T2RTransformerDecoder(TransformerDecoder):
         src_lengths: Optional[Any] = None,
         return_all_hiddens: bool = False,
     ) -> Tuple[Tensor, Dict[str, Any]]:
-        """fairseq's forward; a plain generation step goes to the static step when ``--decode-step`` installed one."""
+        """fairseq's forward; a plain generation step goes to the static step when ``--decode-step`` installed one;
+        with ``--carry-state`` a whole-sequence call continues the previous one (:meth:`_carried_forward`)."""
+        if self.carry_state and incremental_state is None:
+            return self._carried_forward(prev_output_tokens, lambda: super(T2RTransformerDecoder, self).forward(
+                prev_output_tokens, encoder_out, None, features_only, full_context_alignment, alignment_layer,
+                alignment_heads, src_lengths, return_all_hiddens))
         static_step = self._static_step
         if static_step is not None:
             plain = not (features_only or full_context_alignment or return_all_hiddens) and alignment_layer is None

@@ -140,6 +140,10 @@ class LinearMultiheadAttention(nn.Module):
     # incremental state is the constant-size (S, z) it advances in place. A subclass inherits the static step; one
     # whose state grows or shifts, or whose generation step is not this class's, sets this False.
     supports_static_decode: bool = True
+    # Carried-state scoring (--carry-state): while the T2R decoder runs one block of a stream it points this at its
+    # carried incremental state, and a whole-sequence causal call continues (and updates) that state instead of
+    # starting empty. None otherwise.
+    carried_state: Optional[IncrementalState] = None
 
     def __init__(
         self,
@@ -236,6 +240,13 @@ class LinearMultiheadAttention(nn.Module):
             out += [phi(self._heads(parts[1]), False), self._heads(parts[2])]
         return out
 
+    def _recurrent_state(self, incremental_state: Optional[IncrementalState]) -> Optional[IncrementalState]:
+        """The state a causal call continues: fairseq's incremental state, else the decoder's carried state during
+        carried-state scoring, else None (the sequence starts empty)."""
+        if incremental_state is not None or not self.causal:
+            return incremental_state
+        return self.carried_state
+
     def _generating(self, incremental_state: Optional[IncrementalState]) -> bool:
         """A step of generation (:func:`generation_step`) with the fast path on: the projection may use the cached
         fused weights (nothing differentiates through them) and the state may change in place (nothing saved it
@@ -325,8 +336,9 @@ class LinearMultiheadAttention(nn.Module):
             phi_q = self._phi_q(query)
             phi_k = self._phi_k(query if key is None else key)
             v = self._heads(self.v_proj(query if value is None else value))
-        if self.causal and incremental_state is not None:
-            out = self._causal_incremental(phi_q, phi_k, v, key_padding_mask, incremental_state, inplace=generating)
+        recurrent = self._recurrent_state(incremental_state)
+        if self.causal and recurrent is not None:
+            out = self._causal_incremental(phi_q, phi_k, v, key_padding_mask, recurrent, inplace=generating)
         else:
             out = self._mix(phi_q, phi_k, v, key_padding_mask)
         return self.out_proj(self._merge(out)), None

@@ -135,8 +135,9 @@ class SlidingWindowAttention(LinearMultiheadAttention):
         else:
             q, k, v = self.project(query, query if key is None else key, query if value is None else value)
         phi_q = self.feature_map(q, is_query=True)
-        if incremental_state is not None:
-            out = self._window_incremental(q, k, v, phi_q, key_padding_mask, incremental_state)
+        recurrent = self._recurrent_state(incremental_state)  # fairseq's incremental state or the carried one
+        if recurrent is not None:
+            out = self._window_incremental(q, k, v, phi_q, key_padding_mask, recurrent)
         else:
             out = self._whole_sequence(q, k, v, phi_q, key_padding_mask)
         return self.out_proj(self._merge(out)), None
