@@ -335,3 +335,24 @@ def test_tradeoff_reads_the_study_and_times_its_rows(work, mt_t2r, lm_t2r, tmp_p
     (study / "eval" / "t2r_s2.mt.16.test.log").write_text("sacreBLEU = 1.0 (60 sentences) signature: nrefs:1\n")
     with pytest.raises(SystemExit, match="the seeds of 't2r' end at different update counts"):
         tradeoff.main([str(study), "--task", "mt"])
+
+
+def test_position_loss_reads_documents_in_each_models_window(work, lm_t2r, tmp_path, capsys):
+    """tools.position_loss: the teacher restarts every trained length (64 positions), the T2R model reads each
+    128-token document in one window; over the positions both read from a fresh start they agree with the same
+    model read in 64-token windows, and a softmax model is refused a window beyond its positions."""
+    from t2r_fairseq.tools import position_loss
+
+    models = [f"teacher={work / 'lm-teacher' / 'checkpoint_last.pt'}", f"t2r={work / 'lm-t2r' / 'checkpoint_last.pt'}",
+              f"t2r_blocks={work / 'lm-t2r' / 'checkpoint_last.pt'}"]
+    position_loss.main([str(work / "bin-lm"), *models, "--doc-tokens", "128", "--buckets", "32,64",
+                        "--window", "t2r_blocks=64", "--out-dir", str(tmp_path)])
+    rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]]
+            for l in (tmp_path / "position_loss.md").read_text().splitlines() if l.startswith("| t")}
+    assert [rows[n][0] for n in ("teacher", "t2r", "t2r_blocks")] == ["64", "128", "64"]  # windows
+    assert rows["t2r"][1:3] == rows["t2r_blocks"][1:3]  # positions 0-63: the same fresh start
+    assert all(math.isfinite(float(c.split()[0])) for r in rows.values() for c in r[1:])
+    assert (tmp_path / "position_loss.png").stat().st_size > 1000
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="'teacher' is not a linear-attention model; it reads at most its 64"):
+        position_loss.main([str(work / "bin-lm"), models[0], "--doc-tokens", "128", "--window", "teacher=128"])

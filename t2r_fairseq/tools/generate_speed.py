@@ -47,15 +47,17 @@ class Row:
         return self.sentences / statistics.median(seconds) if seconds else float("nan")
 
 
-def parse_models(specs: Sequence[str]) -> List[Tuple[str, str]]:
+def parse_models(specs: Sequence[str], tool: str = "generate_speed") -> List[Tuple[str, str]]:
+    """``NAME=CHECKPOINT`` arguments as ``(name, path)`` pairs, refused in one line naming ``tool`` when malformed
+    or when two share a name (their rows could not be told apart). Shared by the tools that compare checkpoints."""
     models = []
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
-            raise SystemExit(f"generate_speed: model '{spec}' must be NAME=CHECKPOINT, e.g. teacher=checkpoint_best.pt")
+            raise SystemExit(f"{tool}: model '{spec}' must be NAME=CHECKPOINT, e.g. teacher=checkpoint_best.pt")
         models.append((name, path))
     if len({n for n, _ in models}) != len(models):
-        raise SystemExit("generate_speed: model names must be distinct")
+        raise SystemExit(f"{tool}: model names must be distinct")
     return models
 
 
