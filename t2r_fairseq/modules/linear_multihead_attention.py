@@ -7,8 +7,9 @@ parameters live under ``feature_map``. Three roles, fixed at construction:
 * causal self-attention (decoder): chunkwise-parallel in training, a
   constant-size recurrent state ``(S, z)`` in fairseq's incremental state at
   generation;
-* encoder-decoder attention: the source summary ``(S, z)`` is computed once at
-  the first decoding step, cached, and only read out afterwards;
+* encoder-decoder attention: the source is encoded once (per sentence, in beam
+  search) at the first decoding step, cached, and only read out afterwards
+  (:mod:`t2r_fairseq.modules.source_cache`);
 * bidirectional self-attention (optional encoder swap).
 
 The math lives in :mod:`t2r_fairseq.ops.linear_attention`; this module only
@@ -34,20 +35,23 @@ from torch import Tensor, nn
 from t2r_fairseq.modules.feature_maps import DEFAULT_FEATURE_MAP, build_feature_map
 from t2r_fairseq.modules.fused_projection import FusedProjection
 from t2r_fairseq.modules.incremental_state import IncrementalState
+from t2r_fairseq.modules.source_cache import (
+    encode_source,
+    hypotheses_per_row,
+    read_source,
+    sentence_rows,
+    source_rows_after_reorder,
+)
 from t2r_fairseq.ops.heads import merge_heads
 from t2r_fairseq.ops.linear_attention import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_EPS,
     LinearAttentionState,
     causal_linear_attention,
-    grouped_linear_attention_readout,
-    keys_linear_attention_readout,
     linear_attention_readout,
     linear_attention_state,
     linear_attention_step,
     linear_attention_weights,
-    masked_keys,
-    source_readout_cost,
 )
 
 
@@ -74,13 +78,6 @@ def _is_identity(order: Tensor, buffer: Dict[str, Optional[Tensor]]) -> bool:
     """True when ``order`` keeps every row of the buffer's tensors where it is."""
     size = next((t.size(0) for t in buffer.values() if t is not None), None)
     return size is not None and is_identity_order(order, size)
-
-
-def hypotheses_per_row(buffer: Dict[str, Optional[Tensor]]) -> int:
-    """Hypotheses each row of a layer's cached state serves: the beam when a source state is kept once per
-    sentence (its ``group`` entry, ``[sentences, beam]``), else 1."""
-    group = buffer.get("group")
-    return group.size(1) if group is not None else 1
 
 
 def _move_rows_in_place(buffer: Dict[str, Optional[Tensor]], new_order: Tensor) -> bool:
@@ -372,29 +369,6 @@ class LinearMultiheadAttention(nn.Module):
         """fairseq's hook (``FairseqIncrementalDecoder.set_beam_size``): the generator's hypotheses per sentence."""
         self.beam_size = beam_size
 
-    def _sentence_rows(self, key: Tensor, key_padding_mask: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor], int]:
-        """The encoder output once per source sentence: ``(key, mask, hypotheses per row)``.
-
-        fairseq's generator repeats each sentence's encoder output for its ``beam`` hypotheses. Their source state
-        is identical, so the cross-attention builds, keeps and reads it once per sentence. The repeat is checked
-        (one comparison over the encoder output, once per batch), so a stale ``set_beam_size`` -- a greedy call
-        after a beam search on the same model -- falls back to one state per row instead of mixing sentences.
-        """
-        beam, rows = self.beam_size, key.size(1)
-        if beam <= 1 or rows % beam:
-            return key, key_padding_mask, 1
-        grouped = key.reshape(key.size(0), rows // beam, beam, -1)
-        first = grouped[:, :, :1]
-        if not torch.equal(grouped, first.expand_as(grouped)):
-            return key, key_padding_mask, 1
-        mask = None
-        if key_padding_mask is not None:
-            masks = key_padding_mask.reshape(rows // beam, beam, -1)
-            if not torch.equal(masks, masks[:, :1].expand_as(masks)):
-                return key, key_padding_mask, 1
-            mask = masks[:, 0]
-        return first.squeeze(2), mask, beam
-
     def _cross_attention(
         self,
         query: Tensor,
@@ -417,11 +391,7 @@ class LinearMultiheadAttention(nn.Module):
             if key is None:
                 raise ValueError("encoder-decoder attention needs the encoder output as key on its first call")
             buffer = self._encode_source(key, key_padding_mask, incremental_state, keep_keys=need_weights)
-        if "S" in buffer:
-            out = grouped_linear_attention_readout(phi_q, LinearAttentionState(buffer["S"], buffer["z"]), self.options.eps)
-        else:
-            out = keys_linear_attention_readout(phi_q, buffer["phi_k"], buffer["v"], self.options.eps)
-        out = self.out_proj(self._merge(out.to(query.dtype)))
+        out = self.out_proj(self._merge(read_source(phi_q, buffer, self.options.eps).to(query.dtype)))
 
         weights: Optional[Tensor] = None
         if need_weights:
@@ -454,20 +424,11 @@ class LinearMultiheadAttention(nn.Module):
         ``keep_keys`` (alignments asked for) keeps ``phi_k`` beside a summary too, so the source is projected once."""
         source, source_mask, group = key, key_padding_mask, 1
         if incremental_state is not None:
-            source, source_mask, group = self._sentence_rows(key, key_padding_mask)
-        phi_k = self._phi_k(source)
-        v = self._heads(self.v_proj(source))
-        summary_cost, keys_cost = source_readout_cost(source.size(0), phi_k.size(-1), v.size(-1))
-        buffer: Dict[str, Optional[Tensor]]
-        if incremental_state is not None and self.source_form == "auto" and keys_cost < summary_cost:
-            buffer = {"phi_k": masked_keys(phi_k, source_mask), "v": v.float()}
-        else:
-            state = linear_attention_state(phi_k, v, source_mask)
-            buffer = {"S": state.S, "z": state.z}
-            if keep_keys:
-                buffer["phi_k"] = masked_keys(phi_k, source_mask)
-        if group > 1:  # one row per source sentence: source.size(1) rows
-            buffer["group"] = phi_k.new_empty((source.size(1), group), dtype=torch.bool)
+            source, source_mask, group = sentence_rows(key, key_padding_mask, self.beam_size)
+        buffer = encode_source(
+            self._phi_k(source), self._heads(self.v_proj(source)), source_mask, group,
+            keys_allowed=incremental_state is not None and self.source_form == "auto", keep_keys=keep_keys,
+        )
         if incremental_state is not None:
             self._set_input_buffer(incremental_state, buffer)
         return buffer
@@ -497,17 +458,11 @@ class LinearMultiheadAttention(nn.Module):
         buffer = self._get_input_buffer(incremental_state)
         if not buffer:
             return incremental_state
-        group = hypotheses_per_row(buffer)
-        if group > 1:
-            rows = buffer["group"].size(0)
-            if rows * group == new_order.numel():
+        if hypotheses_per_row(buffer) > 1:
+            rows = source_rows_after_reorder(buffer, new_order)
+            if rows is None:
                 return incremental_state
-            if new_order.numel() % group:
-                raise ValueError(
-                    f"cannot reorder a source state kept once per sentence for {group} hypotheses each into "
-                    f"{new_order.numel()} rows: the generator must keep its beam size (set_beam_size)"
-                )
-            new_order = new_order.view(-1, group)[:, 0] // group
+            new_order = rows
         elif _is_identity(new_order, buffer):
             return incremental_state
         elif self._generating(incremental_state) and _move_rows_in_place(buffer, new_order):
