@@ -113,7 +113,7 @@ FT_LR=${FT_LR:-5e-4} CAL_STEPS=${CAL_STEPS:-300}
 row_args() {  # row kind -> CONVERT_ARGS, FT_ARGS, ROW_SEED; a trailing _s<N> reruns a row with seed N (seed variance)
   local row=$1 kind=$2 map=t2r feat=32 cal=0 lrs=1
   ROW_SEED=$SEED; [[ $row =~ _s([0-9]+)$ ]] && ROW_SEED=${BASH_REMATCH[1]}
-  case $row in *hedgehog*) map=hedgehog;; *performer*) map=performer;; *elu*) map=elu;; *rfa*) map=rfa;; t2rqk*) map=t2r_qk;; esac
+  case $row in *hedgehog*) map=hedgehog;; *performer*) map=performer;; *elu*) map=elu;; *rfa*) map=rfa;; *t2rqk*) map=t2r_qk;; esac
   [[ $row == *_cal* ]] && cal=$CAL_STEPS
   [[ $row =~ _cal([0-9]+)(_|$) ]] && cal=${BASH_REMATCH[1]}   # _cal<N>: N calibration steps instead of CAL_STEPS
   [[ $row == *_lr8* ]] && lrs=8
