@@ -15,9 +15,10 @@ from helpers import REPO
 
 def _run(out: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-               # one row per branch of the script's finetune stage: the recommended conversion, the paper's plain
-               # swap, attention transfer (the defaults' elu and t2r_scratch add only other flags to the same calls)
-               QS_MODELS="t2r t2r_paper hedgehog_at_ce")
+               # one row per branch of the default rows' finetune stage: the recommended conversion and the paper's
+               # plain swap (elu and t2r_scratch add only other flags to the same calls; the attention-transfer
+               # rows' criterion runs through fairseq-train in tests/test_attention_transfer.py)
+               QS_MODELS="t2r t2r_paper")
     proc = subprocess.run(["bash", str(REPO / "recipes" / "quickstart.sh"), "--tiny", "--out", str(out)],
                           capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -30,7 +31,7 @@ def test_quickstart_tiny(tmp_path):
     assert "T2R swap: reused" in first.stdout  # progress output is visible
     res = json.loads((out / "results" / "results.json").read_text())
     rows = {r["model"]: r for r in res["rows"]}
-    assert set(rows) == {"teacher", "t2r", "t2r_paper", "hedgehog_at_ce"}
+    assert set(rows) == {"teacher", "t2r", "t2r_paper"}
     # the recommended t2r row: converted (swap + calibration) first, then finetuned with the maps' lr scale
     assert "calibration decoder.layers.0.encoder_attn: KL" in first.stderr
     for kind in ("lm", "mt"):  # fairseq logs the LM's dataclass config as a dict, the MT model's args as a Namespace
@@ -41,8 +42,7 @@ def test_quickstart_tiny(tmp_path):
     for r in rows.values():
         assert math.isfinite(r["lm_test_ppl"]) and r["lm_test_ppl"] > 1
         assert math.isfinite(r["mt_test_bleu"]) and 0 <= r["mt_test_bleu"] <= 100
-    assert rows["t2r"]["lm_updates"] == rows["t2r_paper"]["lm_updates"] == rows["hedgehog_at_ce"]["lm_updates"]
-    assert "at_dec0_cross" in (out / "train" / "hedgehog_at_ce.mt.log").read_text()
+    assert rows["t2r"]["lm_updates"] == rows["t2r_paper"]["lm_updates"]
     assert res["sacrebleu_signature"].startswith("nrefs:1")
     for name in ("speed_lm_b1", "speed_lm_b16"):
         speed = res["speed"][name]
