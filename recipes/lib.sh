@@ -363,9 +363,34 @@ t2r_finetune_start() {
 # ---- translation pipeline (shared by wmt14_ende.sh, wmt14_enfr.sh, wmt17_zhen.sh) ---------------------------
 # The recipe sets: SRC TGT DATA_PREP (data-prep script) SEGMENT (bpe|spm) TEACHER (download|train)
 # TEACHER_URL TEACHER_SHA256 TEACHER_CONFIG FINETUNE_CONFIG REF_WORLD BEAM LENPEN COMPOUND_SPLIT (0|1)
-# TOKENISED_BLEU (0|1) BPE_TOKENS / SPM_VOCAB, FEATURE_SIZE, CROSS_FEATURE_SIZE, MAX_TOKENS, TEACHER_MAX_UPDATE, MAX_UPDATE, LR.
+# TOKENISED_BLEU (0|1) BPE_TOKENS / SPM_VOCAB, FEATURE_SIZE, MAX_TOKENS, TEACHER_MAX_UPDATE, MAX_UPDATE, LR; the user
+# may set CROSS_ATTENTION and CROSS_FEATURE_SIZE (t2r_mt_cross).
+
+# The encoder-decoder attention. CROSS_ATTENTION=softmax (the default with SWAP=calibrated): fairseq's own
+# cross-attention over the cached source is kept and only the decoder self-attention is swapped -- within 0.3 BLEU
+# of the teacher finetuned the same way, where the all-linear model was 0.6-1.0 behind, and as fast at sentence level
+# (docs/RESULTS.md); its state grows with the source, not the target. CROSS_ATTENTION=linear (the default with
+# SWAP=plain, the paper's model): kernelised with CROSS_FEATURE_SIZE [128] features, a state constant in the source
+# length too (long sources: docs/BENCHMARKS.md). Sets CROSS_CONVERT_ARGS (tools.convert) and CROSS_OVERRIDES (hydra).
+t2r_mt_cross() {
+  local default=softmax
+  [[ $SWAP == plain ]] && default=linear
+  CROSS_ATTENTION=${CROSS_ATTENTION:-$default}
+  case $CROSS_ATTENTION in
+    softmax)
+      [[ -z ${CROSS_FEATURE_SIZE:-} ]] || t2r_die "CROSS_FEATURE_SIZE sizes the linear cross-attention, but CROSS_ATTENTION is softmax: unset CROSS_FEATURE_SIZE, or set CROSS_ATTENTION=linear"
+      CROSS_CONVERT_ARGS=(--softmax-cross-attention) CROSS_OVERRIDES=(model.softmax_cross_attention=true);;
+    linear)
+      CROSS_FEATURE_SIZE=${CROSS_FEATURE_SIZE:-128}
+      [[ $CROSS_FEATURE_SIZE =~ ^[1-9][0-9]*$ ]] || t2r_die "CROSS_FEATURE_SIZE must be a positive integer (got '$CROSS_FEATURE_SIZE')"
+      CROSS_CONVERT_ARGS=(--cross-feature-size "$CROSS_FEATURE_SIZE")
+      CROSS_OVERRIDES=(model.softmax_cross_attention=false model.cross_feature_size="$CROSS_FEATURE_SIZE");;
+    *) t2r_die "CROSS_ATTENTION must be 'softmax' (the default) or 'linear' (the paper's; default with SWAP=plain) (got '$CROSS_ATTENTION')";;
+  esac
+}
 
 t2r_mt_paths() {
+  t2r_mt_cross
   DATA=$WORK/data BIN=$WORK/data-bin PUBLIC=$WORK/teacher/public
   TEACHER_DIR=$WORK/checkpoints/teacher T2R_DIR=$WORK/checkpoints/t2r
   case $TEACHER in download|train) ;; *) t2r_die "TEACHER must be 'download' or 'train' (got '$TEACHER')";; esac
@@ -435,7 +460,7 @@ t2r_mt_calibrate() {
   t2r_calibrate_elsewhere && return 0
   t2r_stage calibrate "$CALIBRATED" "$WORK/logs/calibrate.log" || return 0
   t2r_mt_need_teacher
-  t2r_calibrate "$TEACHER_CKPT" --cross-feature-size "$CROSS_FEATURE_SIZE"
+  t2r_calibrate "$TEACHER_CKPT" "${CROSS_CONVERT_ARGS[@]}"
 }
 
 t2r_mt_finetune() {
@@ -446,7 +471,7 @@ t2r_mt_finetune() {
   t2r_split extra "${TRAIN_OVERRIDES:-}"; t2r_split more "${FINETUNE_OVERRIDES:-}"
   t2r_train finetune "$FINETUNE_CONFIG" "$T2R_DIR" "$WORK/logs/finetune.log" \
     task.data="$BIN" checkpoint.finetune_from_model="$START" "${SWAP_OVERRIDES[@]}" \
-    model.feature_size="$FEATURE_SIZE" model.cross_feature_size="$CROSS_FEATURE_SIZE" \
+    model.feature_size="$FEATURE_SIZE" "${CROSS_OVERRIDES[@]}" \
     optimization.max_update="$MAX_UPDATE" lr_scheduler.total_num_update="$MAX_UPDATE" dataset.max_tokens="$MAX_TOKENS" \
     "optimization.update_freq=[$(t2r_update_freq "$FINETUNE_CONFIG" "$REF_WORLD")]" "${extra[@]}" "${more[@]}"
   t2r_mark finetune

@@ -11,8 +11,9 @@
 #             data with News Commentary v11, newstest2013 dev, newstest2014 test, joint 32k BPE);
 #             TEACHER=train: train transformer_vaswani_wmt_en_de_big on our own data (configs/wmt14_ende_teacher.yaml)
 #   calibrate SWAP=calibrated (default, the README's recommended recipe): python -m t2r_fairseq.tools.convert
-#             on the teacher (--feature-map t2r_qk --feature-size $FEATURE_SIZE --cross-feature-size
-#             $CROSS_FEATURE_SIZE): the swap, then each new feature map fitted to the teacher's softmax attention
+#             on the teacher (--feature-map t2r_qk --feature-size $FEATURE_SIZE and --softmax-cross-attention, or
+#             with CROSS_ATTENTION=linear --cross-feature-size $CROSS_FEATURE_SIZE): the swap of the decoder
+#             self-attention (and cross-attention), then each new feature map fitted to the teacher's softmax attention
 #             -> $OUT/checkpoints/calibrated.pt (log $OUT/logs/calibrate.log); one process on node 0, on a GPU
 #             unless CPU=1. SWAP=plain: nothing to do
 #   finetune  finetune t2r_transformer_vaswani_wmt_en_de_big (configs/wmt14_ende_finetune.yaml) from the calibrated
@@ -31,13 +32,17 @@
 #   NUM_GPUS [8]  NUM_NODES [1]  NODE_RANK [0]  MASTER_ADDR [localhost]  MASTER_PORT [29500]
 #   LAUNCHER [auto] | spawn | torchrun | srun     CPU [0]  CPU_PROCS [1]  (CPU=1: gloo, for smoke tests)
 #   MAX_UPDATE [30000] finetune updates   TEACHER_MAX_UPDATE [300000]   MAX_TOKENS [3584] per GPU
-#   UPDATE_FREQ [config x 8 / world size]   FEATURE_SIZE [32]   CROSS_FEATURE_SIZE [128]
+#   UPDATE_FREQ [config x 8 / world size]   FEATURE_SIZE [32]
 #   BPE_TOKENS [32000] (TEACHER=train)  BEAM [4]  LENPEN [0.6]  EVAL_MODELS ["teacher t2r"]
 #   EVAL_CHECKPOINT [checkpoint_best.pt]  EVAL_MAX_TOKENS [8000]  PREP_WORKERS [8]
 #   PREP_ARGS   extra data-prep options, e.g. "--icml17" (EN-DE: News Commentary v9, i.e. the WMT14 release)
 #   SWAP [calibrated] | plain   the swap: the README's recommended recipe (calibrate stage, then finetune from its
 #             checkpoint with t2r_qk and the maps' 8x learning rate; ahead of the paper's recipe at the same budget in
 #             docs/RESULTS.md) or the paper's plain swap (no calibration; t2r map, one learning rate): docs/PAPER.md
+#   CROSS_ATTENTION [softmax] | linear   the encoder-decoder attention: fairseq's own softmax over the cached source
+#             (the default: within 0.3 BLEU of the teacher finetuned the same way, as fast at sentence level) or
+#             kernelised with CROSS_FEATURE_SIZE [128] features (the paper's; the default with SWAP=plain; a state
+#             constant in the source length too, for long sources): docs/OPTIONS.md
 #   CALIBRATE_STEPS [300] Adam steps per layer (0: the swap alone)   CALIBRATE_WAIT [3600] s a node other than
 #             node 0 waits for its calibrated checkpoint   CALIBRATE_ARGS   extra tools.convert options, e.g.
 #             "--calibrate-batches 8 --max-tokens 2048" (see python -m t2r_fairseq.tools.convert --help)
@@ -56,7 +61,7 @@ TEACHER_ARCHIVE_DIR=wmt16.en-de.joined-dict.transformer
 TEACHER_CONFIG=wmt14_ende_teacher FINETUNE_CONFIG=wmt14_ende_finetune REF_WORLD=8
 BPE_TOKENS=${BPE_TOKENS:-32000}
 MAX_UPDATE=${MAX_UPDATE:-30000} TEACHER_MAX_UPDATE=${TEACHER_MAX_UPDATE:-300000} MAX_TOKENS=${MAX_TOKENS:-3584}
-FEATURE_SIZE=${FEATURE_SIZE:-32} CROSS_FEATURE_SIZE=${CROSS_FEATURE_SIZE:-128}
+FEATURE_SIZE=${FEATURE_SIZE:-32}
 BEAM=${BEAM:-4} LENPEN=${LENPEN:-0.6}
 
 t2r_mt_main

@@ -33,7 +33,11 @@ def test_quickstart_tiny(tmp_path):
     rows = {r["model"]: r for r in res["rows"]}
     assert set(rows) == {"teacher", "t2r", "t2r_paper"}
     # the recommended t2r row: converted (swap + calibration) first, then finetuned with the maps' lr scale
-    assert "calibration decoder.layers.0.encoder_attn: KL" in first.stderr
+    assert "calibration decoder.layers.0.self_attn: KL" in first.stderr
+    # translation: fairseq's cross-attention kept (nothing to calibrate there); the paper's row makes it linear
+    assert "encoder_attn" not in first.stderr
+    assert "softmax_cross_attention=True" in (out / "train" / "t2r.mt.log").read_text()
+    assert "softmax_cross_attention=False" in (out / "train" / "t2r_paper.mt.log").read_text()
     for kind in ("lm", "mt"):  # fairseq logs the LM's dataclass config as a dict, the MT model's args as a Namespace
         assert re.search(r"feature_map_lr_scale'?(: |=)8\.0", (out / "train" / f"t2r.{kind}.log").read_text())
     # translation: the recommended schedule anneals the learning rate to 0 at the last update; the paper's does not

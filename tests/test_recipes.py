@@ -43,7 +43,7 @@ BLEU_LINE = r"sacreBLEU = [\d.]+ \(30 sentences\) signature: nrefs:1\|case:mixed
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "T2R_DATA_"))}
     for k in ("WORK", "STAGES", "FORCE", "DRY_RUN", "TEACHER", "TEACHER_CKPT", "NUM_GPUS", "NUM_NODES", "NODE_RANK",
-              "LAUNCHER", "CPU", "CPU_PROCS", "UPDATE_FREQ", "MAX_UPDATE", "FEATURE_SIZE", "CROSS_FEATURE_SIZE",
+              "LAUNCHER", "CPU", "CPU_PROCS", "UPDATE_FREQ", "MAX_UPDATE", "FEATURE_SIZE", "CROSS_FEATURE_SIZE", "CROSS_ATTENTION",
               "MASTER_PORT", "RANK", "WORLD_SIZE", "SWAP", "CALIBRATE_STEPS", "CALIBRATE_WAIT", "CALIBRATE_ARGS"):
         env.pop(k, None)
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", FAIRSEQ_BIN=str(BIN))
@@ -96,16 +96,18 @@ def test_dry_run_wmt14_ende_public_teacher(tmp_path):
     _one(lines, "fairseq-preprocess", f"--srcdict {public}/dict.en.txt --tgtdict {public}/dict.de.txt")
     cal = _one(lines, "-m t2r_fairseq.tools.convert")
     assert cal == (f"{BIN}/python -m t2r_fairseq.tools.convert {public}/model.pt {work}/checkpoints/calibrated.pt "
-                   f"--data {work}/data-bin --feature-map t2r_qk --feature-size 32 --cross-feature-size 128 "
+                   f"--data {work}/data-bin --feature-map t2r_qk --feature-size 32 --softmax-cross-attention "
                    f"--calibrate-steps 300 --seed 1 --device cuda 2>&1 | tee -a {work}/logs/calibrate.log")
     ft = _one(lines, "fairseq-hydra-train", f"--config-dir {REPO}/recipes/configs --config-name wmt14_ende_finetune")
     assert lines.index(cal) < lines.index(ft)
     for part in [f"common.user_dir={REPO}/t2r_fairseq", f"checkpoint.finetune_from_model={work}/checkpoints/calibrated.pt "
                  "model.feature_map=t2r_qk model.feature_map_lr_scale=8.0",
-                 "model.feature_size=32", "optimization.max_update=30000", "dataset.max_tokens=3584",
+                 "model.feature_size=32 model.softmax_cross_attention=true optimization.max_update=30000",
+                 "dataset.max_tokens=3584",
                  "'optimization.update_freq=[1]'", "distributed_training.distributed_world_size=8",
                  f"| tee -a {work}/logs/finetune.log"]:
         assert part in ft, (part, ft)
+    assert "cross_feature_size" not in ft  # fairseq's cross-attention: no cross feature map
     assert not any("--config-name wmt14_ende_teacher" in l for l in lines)  # the public teacher is not retrained
     gen = _one(lines, "fairseq-generate", "checkpoints/t2r/checkpoint_best.pt")
     assert "--beam 4 --lenpen 0.6" in gen and "--remove-bpe" in gen and "--required-batch-size-multiple 1" in gen
@@ -117,7 +119,7 @@ def test_dry_run_wmt14_ende_public_teacher(tmp_path):
 
 def test_dry_run_wmt14_ende_train_teacher_and_env_overrides(tmp_path):
     lines = _dry("wmt14_ende", tmp_path, TEACHER="train", NUM_GPUS="4", MAX_UPDATE="123", FEATURE_SIZE="16",
-                 CROSS_FEATURE_SIZE="4", BPE_TOKENS="500", BEAM="5", LENPEN="1.0", CALIBRATE_STEPS="50",
+                 CROSS_ATTENTION="linear", CROSS_FEATURE_SIZE="4", BPE_TOKENS="500", BEAM="5", LENPEN="1.0", CALIBRATE_STEPS="50",
                  CALIBRATE_ARGS="--calibrate-batches 8 --max-tokens 2048")
     work = tmp_path / "work"
     assert not any("download.py" in l for l in lines)
@@ -132,7 +134,7 @@ def test_dry_run_wmt14_ende_train_teacher_and_env_overrides(tmp_path):
     assert ("--feature-size 16 --cross-feature-size 4 --calibrate-steps 50 --seed 1 --device cuda "
             "--calibrate-batches 8 --max-tokens 2048 2>&1") in cal
     for part in [f"checkpoint.finetune_from_model={work}/checkpoints/calibrated.pt", "model.feature_size=16",
-                 "model.cross_feature_size=4", "optimization.max_update=123", "distributed_training.distributed_world_size=4"]:
+                 "model.softmax_cross_attention=false model.cross_feature_size=4", "optimization.max_update=123", "distributed_training.distributed_world_size=4"]:
         assert part in ft, (part, ft)
     assert "--beam 5 --lenpen 1.0" in _one(lines, "fairseq-generate", "t2r/checkpoint_best.pt")
 
@@ -200,7 +202,7 @@ def test_dry_run_calibrate_stage(name, tmp_path):
     maps' 8x learning rate; on the GPU unless CPU=1."""
     work = tmp_path / "work"
     teacher, mt = TEACHERS[name]
-    lines = _dry(name, tmp_path, FEATURE_SIZE="24", **({"CROSS_FEATURE_SIZE": "64"} if mt else {}))
+    lines = _dry(name, tmp_path, FEATURE_SIZE="24", **({"CROSS_ATTENTION": "linear", "CROSS_FEATURE_SIZE": "64"} if mt else {}))
     cal = _one(lines, "tools.convert")
     cross = " --cross-feature-size 64" if mt else ""
     assert cal == (f"{BIN}/python -m t2r_fairseq.tools.convert {work}/{teacher} {work}/checkpoints/calibrated.pt "
@@ -222,7 +224,8 @@ def test_dry_run_plain_swap_restores_the_papers_commands(name, tmp_path):
     learning rate; every other command is the default's, unchanged."""
     work = tmp_path / "work"
     teacher = f"{work}/{TEACHERS[name][0]}"
-    default = _dry(name, tmp_path)
+    # the paper's swap makes the cross-attention linear too (CROSS_ATTENTION's default follows SWAP)
+    default = _dry(name, tmp_path, **({"CROSS_ATTENTION": "linear"} if TEACHERS[name][1] else {}))
     proc = recipe(name, "--dry-run", "--out", str(work), SWAP="plain")
     plain = proc.stdout.splitlines()
     assert "calibrate: nothing to do with SWAP=plain" in proc.stderr and "calibrated.pt" not in proc.stdout
@@ -232,6 +235,29 @@ def test_dry_run_plain_swap_restores_the_papers_commands(name, tmp_path):
     # the switch alone: calibrate's marker and --force do not matter to it
     forced = recipe(name, "--dry-run", "--out", str(work), "--stages", "calibrate", "--force", SWAP="plain")
     assert forced.stdout == "" and "nothing to do with SWAP=plain" in forced.stderr
+
+
+@pytest.mark.parametrize("name", [r for r in RECIPES if TEACHERS[r][1]])
+def test_dry_run_cross_attention_follows_the_switch(name, tmp_path):
+    """CROSS_ATTENTION: fairseq's softmax cross-attention by default (tools.convert and the finetune both told, no
+    cross feature map), the paper's linear one with SWAP=plain or CROSS_ATTENTION=linear; each switch alone."""
+    runs = {
+        ("calibrated", ""): ("--softmax-cross-attention", "model.softmax_cross_attention=true"),
+        ("calibrated", "linear"): ("--cross-feature-size 128", "model.softmax_cross_attention=false model.cross_feature_size=128"),
+        ("plain", ""): (None, "model.softmax_cross_attention=false model.cross_feature_size=128"),
+        ("plain", "softmax"): (None, "model.softmax_cross_attention=true"),
+    }
+    for (swap, cross), (convert, override) in runs.items():
+        lines = _dry(name, tmp_path, SWAP=swap, **({"CROSS_ATTENTION": cross} if cross else {}))
+        ft = _one(lines, f"--config-name {name}_finetune")
+        assert f"model.feature_size=32 {override} optimization.max_update=" in ft, (swap, cross, ft)
+        assert ft.count("cross_feature_size") == ("cross_feature_size" in override), ft
+        if convert is None:
+            assert not any("tools.convert" in l for l in lines)
+        else:
+            cal = _one(lines, "tools.convert")
+            assert f"--feature-size 32 {convert} --calibrate-steps" in cal, cal
+            assert ("--softmax-cross-attention" in cal) != ("--cross-feature-size" in cal), cal
 
 
 def test_calibrate_marker_skips_and_force_redoes(tmp_path):
@@ -364,6 +390,10 @@ def test_stage_markers_skip_and_force(tmp_path):
     ([], {"TEACHER": "hub"}, "TEACHER must be 'download' or 'train'"),
     ([], {"NUM_GPUS": "eight"}, "NUM_GPUS must be a non-negative integer"),
     ([], {"LAUNCHER": "mpirun"}, "LAUNCHER must be auto, spawn, torchrun or srun"),
+    ([], {"CROSS_ATTENTION": "kernel"}, "CROSS_ATTENTION must be 'softmax' (the default) or 'linear'"),
+    ([], {"CROSS_FEATURE_SIZE": "64"}, "CROSS_FEATURE_SIZE sizes the linear cross-attention, but CROSS_ATTENTION is "
+                                      "softmax: unset CROSS_FEATURE_SIZE, or set CROSS_ATTENTION=linear"),
+    ([], {"CROSS_ATTENTION": "linear", "CROSS_FEATURE_SIZE": "0"}, "CROSS_FEATURE_SIZE must be a positive integer"),
 ])
 def test_bad_input_one_clear_message(tmp_path, args, env, message):
     proc = recipe("wmt14_ende", "--dry-run", "--out", str(tmp_path / "w"), *args, ok=False, **env)
@@ -378,6 +408,7 @@ def test_help_documents_the_environment():
                      f"recipes/slurm/{name}.sbatch", "calibrate", "SWAP [calibrated] | plain", "CALIBRATE_STEPS",
                      "CALIBRATE_WAIT", "CALIBRATE_ARGS", "model.feature_map=t2r model.feature_map_lr_scale=1.0"]:
             assert word in out, (name, word)
+        assert ("CROSS_ATTENTION [softmax] | linear" in out) == (name != "wikitext103_lm"), name
 
 
 # ---- configs and scorer -----------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ from typing import Optional
 
 ROWS = [
     ("teacher", "softmax teacher"),
-    ("t2r", "T2R + pretrain, recommended recipe (t2r_qk map, calibrated swap, feature maps at 8x lr; MT: 128 "
-            "cross-attention features, lr annealed to 0)"),
+    ("t2r", "T2R + pretrain, recommended recipe (t2r_qk map, calibrated swap, feature maps at 8x lr; MT: fairseq's "
+            "softmax cross-attention kept, lr annealed to 0)"),
     ("t2r_paper", "T2R + pretrain, the paper's recipe (tied t2r map, swap-then-finetune)"),
     ("elu", "ELU+1 + pretrain"),
     ("rfa", "RFA + pretrain"),
