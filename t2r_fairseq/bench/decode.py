@@ -197,8 +197,16 @@ def fake_encoder_out(model: nn.Module, batch: int, source_length: int, dim: int)
 
 
 def state_bytes(state: dict) -> int:
-    """Bytes of every tensor in a fairseq incremental state (KV cache or ``(S, z)``)."""
-    return sum(t.numel() * t.element_size() for buf in state.values() for t in buf.values() if t is not None)
+    """Bytes of the distinct tensors in a fairseq incremental state (KV cache, or T2R's ``(S, z)`` and cached source
+    state): a tensor held under two keys counts once, entries that are not tensors (flags, lengths) not at all."""
+    seen = set()
+    total = 0
+    for buffer in state.values():
+        for t in buffer.values() if isinstance(buffer, dict) else ():
+            if isinstance(t, torch.Tensor) and (t.data_ptr(), t.shape) not in seen:
+                seen.add((t.data_ptr(), t.shape))
+                total += t.numel() * t.element_size()
+    return total
 
 
 def _eager_step(model: nn.Module, tokens: Tensor, base: dict, encoder_out: Optional[dict]) -> Callable[[], None]:

@@ -121,7 +121,8 @@ def token_losses(model: nn.Module, doc: Tensor, window: int) -> Tensor:
     return torch.cat(losses)
 
 
-def measure(args: argparse.Namespace) -> Tuple[List[Curve], int, int]:
+def measure(args: argparse.Namespace) -> Tuple[List[Curve], int]:
+    """Every model's :class:`Curve` over the same documents, and the number of documents."""
     specs = parse_models(args.models, "position_loss")
     windows = parse_windows(args.window, [n for n, _ in specs])
     edges = bucket_edges(args.buckets, args.doc_tokens)
@@ -153,7 +154,7 @@ def measure(args: argparse.Namespace) -> Tuple[List[Curve], int, int]:
         curves.append(curve)
         print(f"{name}: window {window}, mean loss {curve.overall():.4f} (ppl {math.exp(curve.overall()):.2f})",
               flush=True)
-    return curves, len(docs), len(edges)
+    return curves, len(docs)
 
 
 def table(curves: List[Curve], args: argparse.Namespace, n_docs: int, command: str) -> str:
@@ -205,7 +206,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         parser.error("--doc-tokens must be at least 2")
     if args.threads:
         torch.set_num_threads(args.threads)
-    curves, n_docs, _ = measure(args)
+    curves, n_docs = measure(args)
     text = table(curves, args, n_docs, "python -m t2r_fairseq.tools.position_loss " + " ".join(argv))
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{args.name}.md").write_text(text)

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 import t2r_fairseq  # noqa: F401  (registers the models)
+from t2r_fairseq.bench import state_bytes
 from t2r_fairseq.tools.study_report import SUBSET_NAMES, _pyplot, read_results
 
 _SEED = re.compile(r"_s\d+$")
@@ -123,18 +124,6 @@ def load(path: Path, data: str, overrides: Optional[dict] = None) -> Tuple[nn.Mo
     return model, task
 
 
-def tensor_bytes(state: dict) -> int:
-    """Bytes of the distinct tensors of a fairseq incremental state (a tensor held twice counts once)."""
-    seen = set()
-    total = 0
-    for buffer in state.values():
-        for t in buffer.values() if isinstance(buffer, dict) else ():
-            if isinstance(t, torch.Tensor) and (t.data_ptr(), t.shape) not in seen:
-                seen.add((t.data_ptr(), t.shape))
-                total += t.numel() * t.element_size()
-    return total
-
-
 class StateMeter:
     """Peak incremental-state bytes per hypothesis over a generation, read after each decoder step.
 
@@ -152,7 +141,7 @@ class StateMeter:
             result = inner(prev_output_tokens, *args, **kwargs)
             state = kwargs.get("incremental_state")
             if state:
-                self.peak_per_row = max(self.peak_per_row, tensor_bytes(state) / prev_output_tokens.size(0))
+                self.peak_per_row = max(self.peak_per_row, state_bytes(state) / prev_output_tokens.size(0))
             return result
 
         self.decoder.forward = forward  # type: ignore[method-assign]
