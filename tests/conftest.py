@@ -3,9 +3,11 @@ softmax teachers trained with fairseq-train, built once per test session (once p
 
 from __future__ import annotations
 
+import fcntl
 import inspect
 import os
 import re
+import shutil
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,14 +24,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
 
 # Test files in the order the workers should take them: the longest first, so that no worker is left with a
-# long file at the end while the other one idles (seconds per file, `pytest --durations` on 2026-11-30, before
-# the quickstart and numerics tests were cut down: recipes ~500, quickstart ~350, cli ~165, resume ~130,
-# numerics ~125). The other files
-# follow in collection order. Each file runs whole on one worker (--dist loadfile in pytest.ini), so its module
-# fixtures are built once and its tests keep their order (test_cli's hub test reads a checkpoint an earlier
-# test writes).
-LONGEST_FIRST = ("test_recipes", "test_quickstart", "test_cli", "test_resume", "test_topk", "test_hybrid_attention",
-                 "test_numerics_long", "test_calibration", "test_attention_transfer")
+# long file at the end while the other one idles (seconds per file, `pytest --durations` on 2026-12-08 with two
+# workers on a machine busy with other jobs, so read the order, not the seconds: recipes ~870, cli ~650, quickstart
+# ~485, resume ~410, rehearsal ~225, calibration ~225, attention_transfer ~140, hostile_input ~140, carry_state ~135,
+# topk ~120). The other files follow in collection order. Each file runs whole on one worker (--dist loadfile in
+# pytest.ini), so its module fixtures are built once and its tests keep their order (test_cli's hub test reads a
+# checkpoint an earlier test writes).
+LONGEST_FIRST = ("test_recipes", "test_cli", "test_quickstart", "test_resume", "test_rehearsal", "test_calibration",
+                 "test_attention_transfer", "test_hostile_input", "test_carry_state", "test_topk",
+                 "test_hybrid_attention", "test_shatter_cli", "test_checkpoint_identity")
 
 
 # The fast tier (`pytest -m "not slow"`: math, modules, swap, in-process model builds) leaves out every test that
@@ -83,7 +86,24 @@ def _translate(line: str) -> str:
 
 @pytest.fixture(scope="session")
 def work(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cli")
+    """The tiny corpora and teachers, built once per test run: under pytest-xdist the first worker that needs them
+    builds them in the run's shared temporary directory while any other waits on a lock, then every worker reads
+    them. A test that writes here uses names no other file uses (test_cli's lm-t2r and mt-t2r, test_carry_state's
+    lm-t2r-carry): each file runs whole on one worker."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return _build_work(tmp_path_factory.mktemp("cli"))
+    root = tmp_path_factory.getbasetemp().parent / "cli-shared"
+    with open(f"{root}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (root / "DONE").exists():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+            _build_work(root)
+            (root / "DONE").touch()
+    return root
+
+
+def _build_work(root: Path) -> Path:
     raw = root / "raw"
     raw.mkdir()
     for split, n, seed in [("train", 800, 1), ("valid", 200, 2), ("test", 60, 3)]:

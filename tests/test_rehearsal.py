@@ -54,8 +54,9 @@ def test_synthetic_dictionaries_have_the_recipes_sizes(tmp_path) -> None:
 def test_rehearsal_at_test_size(tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "T2R_"))}
     env.update(SIZE="tiny", UPDATES="8", CAL_STEPS="20", TRAIN_LINES="300", OMP_NUM_THREADS="1", FAIRSEQ_BIN=str(BIN))
-    # one recipe through the rehearsal's code path (separate dictionaries, SentencePiece); every recipe runs end to
-    # end in test_recipes, and the synthetic dictionaries' sizes are test_synthetic_dictionaries_have_the_recipes_sizes
+    # one recipe through the rehearsal's code path (separate dictionaries, SentencePiece): ZH-EN's calibrate,
+    # finetune and eval stages run here only (test_recipes runs its data and teacher, and EN-DE and the LM end to
+    # end); the synthetic dictionaries' sizes are test_synthetic_dictionaries_have_the_recipes_sizes
     recipes = ["wmt17_zhen"]
     proc = subprocess.run(["bash", str(REPO / "recipes" / "rehearse.sh"), "--out", str(tmp_path), "--recipes",
                            ",".join(recipes)], capture_output=True, text=True, env=env, timeout=900, cwd=REPO)
