@@ -368,7 +368,7 @@ t2r_finetune_start() {
 
 # The encoder-decoder attention. CROSS_ATTENTION=softmax (the default with SWAP=calibrated): fairseq's own
 # cross-attention over the cached source is kept and only the decoder self-attention is swapped -- within 0.3 BLEU
-# of the teacher finetuned the same way, where the all-linear model was 0.6-1.0 behind, and as fast at sentence level
+# of the teacher finetuned the same way, where the all-linear model was 0.6-1.25 behind, and as fast at sentence level
 # (docs/RESULTS.md); its state grows with the source, not the target. CROSS_ATTENTION=linear (the default with
 # SWAP=plain, the paper's model): kernelised with CROSS_FEATURE_SIZE [128] features, a state constant in the source
 # length too (long sources: docs/BENCHMARKS.md). Sets CROSS_CONVERT_ARGS (tools.convert) and CROSS_OVERRIDES (hydra).
