@@ -390,7 +390,6 @@ t2r_mt_cross() {
 }
 
 t2r_mt_paths() {
-  t2r_mt_cross
   DATA=$WORK/data BIN=$WORK/data-bin PUBLIC=$WORK/teacher/public
   TEACHER_DIR=$WORK/checkpoints/teacher T2R_DIR=$WORK/checkpoints/t2r
   case $TEACHER in download|train) ;; *) t2r_die "TEACHER must be 'download' or 'train' (got '$TEACHER')";; esac
@@ -517,6 +516,7 @@ t2r_mt_eval() {
 }
 
 t2r_mt_main() {
+  t2r_mt_cross
   t2r_mt_paths
   if t2r_is_rank0; then t2r_mt_prep; fi
   t2r_mt_teacher

@@ -44,8 +44,8 @@ BLEU_LINE = r"sacreBLEU = [\d.]+ \(30 sentences\) signature: nrefs:1\|case:mixed
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "T2R_DATA_"))}
     for k in ("WORK", "STAGES", "FORCE", "DRY_RUN", "TEACHER", "TEACHER_CKPT", "NUM_GPUS", "NUM_NODES", "NODE_RANK",
-              "LAUNCHER", "CPU", "CPU_PROCS", "UPDATE_FREQ", "MAX_UPDATE", "FEATURE_SIZE", "CROSS_FEATURE_SIZE", "CROSS_ATTENTION",
-              "MASTER_PORT", "RANK", "WORLD_SIZE", "SWAP", "CALIBRATE_STEPS", "CALIBRATE_WAIT", "CALIBRATE_ARGS"):
+              "LAUNCHER", "CPU", "CPU_PROCS", "UPDATE_FREQ", "MAX_UPDATE", "FEATURE_SIZE", "CROSS_FEATURE_SIZE",
+              "CROSS_ATTENTION", "MASTER_PORT", "RANK", "WORLD_SIZE", "SWAP", "CALIBRATE_STEPS", "CALIBRATE_WAIT", "CALIBRATE_ARGS"):
         env.pop(k, None)
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", FAIRSEQ_BIN=str(BIN))
     env.update(extra)
